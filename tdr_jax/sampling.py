@@ -1,0 +1,116 @@
+"""Negative samplers over tree levels (TDR sec. 5).
+
+A scorer is any function `score_fn(params, tree, history, nodes) -> float[U, M]` scoring the
+global node ids `nodes: int32[U, M]` for the users whose histories are `history: int32[U, L]`.
+The samplers never look inside it, so DIN, two-tower or any other model plugs in.
+
+* `uniform_negatives`: per level, m nodes drawn uniformly with replacement among the valid nodes
+  of the level other than the positive, so q = 1 / (c(j) - 1) (unbatched; vmap over samples).
+* `top_down_negatives`: m root-to-leaf paths per user drawn with `lax.scan`; at each level one
+  child of the current node is drawn from the softmax of the (stop-gradient) scores of its valid
+  children. A node's q is the product of the edge probabilities on its path; the nodes the
+  paths visit at level j are that level's negatives. Empty subtrees are never drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdr_jax import tree as tree_lib
+
+ScoreFn = Callable[..., jax.Array]
+
+
+class LevelIndex(NamedTuple):
+  """Valid nodes grouped by level, for uniform sampling inside jit.
+
+  Attributes:
+    valid_nodes: int32[V] ids of all valid nodes, ascending (so grouped by level).
+    level_start: int32[H+2] valid_nodes[level_start[j]:level_start[j+1]] are level j's.
+  """
+  valid_nodes: jax.Array
+  level_start: jax.Array
+
+
+def level_index(tree: tree_lib.Tree) -> LevelIndex:
+  """Builds the LevelIndex of a tree on the host."""
+  valid_nodes = np.flatnonzero(np.asarray(tree.node_valid)).astype(np.int32)
+  level_start = np.searchsorted(valid_nodes, np.asarray(tree.level_offsets)).astype(np.int32)
+  return LevelIndex(valid_nodes, level_start)
+
+
+def uniform_negatives(key: jax.Array, positives: jax.Array, levels: jax.Array, index: LevelIndex,
+                      *, num_samples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Uniform negatives for one sample at several levels.
+
+  Args:
+    key: PRNG key.
+    positives: int32[J] the positive node at each of the J levels.
+    levels: int32[J] the level of each positive.
+    index: LevelIndex of the tree.
+    num_samples: m negatives per level.
+  Returns:
+    nodes: int32[J, m] sampled node ids (a valid node id even where masked).
+    log_q: float32[J, m] log of the per-draw probability 1 / (c(j) - 1).
+    mask: bool[J, m] False where the level has no other valid node.
+  """
+  valid_nodes = jnp.asarray(index.valid_nodes)
+  level_start = jnp.asarray(index.level_start)
+  start = level_start[levels]  # [J]
+  count = level_start[levels + 1] - start  # c(j), [J]
+  num_others = jnp.maximum(count - 1, 1)
+  rank = jnp.searchsorted(valid_nodes, positives) - start  # positive's rank in its level
+  r = jax.random.randint(key, (positives.shape[0], num_samples), 0, num_others[:, None])
+  r = r + (r >= rank[:, None])  # skip the positive
+  nodes = valid_nodes[start[:, None] + jnp.minimum(r, count[:, None] - 1)]
+  log_q = jnp.broadcast_to(-jnp.log(num_others.astype(jnp.float32))[:, None], nodes.shape)
+  mask = jnp.broadcast_to((count > 1)[:, None], nodes.shape)
+  return nodes, log_q, mask
+
+
+def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib.Tree,
+                       history: jax.Array, *, num_samples: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Top-down sampling of m paths per user, scored by the current model (no gradient).
+
+  Args:
+    key: PRNG key.
+    score_fn: scorer (see module docstring).
+    params: the scorer's parameters.
+    tree: the tree index.
+    history: int32[U, L] user histories.
+    num_samples: m, the number of paths per user.
+  Returns:
+    nodes: int32[U, H, m] the node each path visits at levels 1..H.
+    log_q: float32[U, H, m] log of the probability of drawing that node at its level.
+  """
+  num_users = history.shape[0]
+  b = tree.branching
+  params = jax.lax.stop_gradient(params)
+  children = jnp.asarray(tree.children)
+  node_valid = jnp.asarray(tree.node_valid)
+
+  def step(carry, level_key):
+    current, log_q = carry  # [U, m] nodes at the previous level and their log q
+    kids = children[current]  # [U, m, B]; current is never a leaf here
+    valid = node_valid[kids]
+    # [U, m, B] -> [U, m*B]: one scorer call for all children of all paths.
+    scores = score_fn(params, tree, history, kids.reshape(num_users, num_samples * b))
+    # [U, m*B] -> [U, m, B]: back to one row of children per path.
+    scores = jax.lax.stop_gradient(scores).reshape(num_users, num_samples, b)
+    logits = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    choice = jax.random.categorical(level_key, logits, axis=-1)  # [U, m]
+    nxt = jnp.take_along_axis(kids, choice[..., None], axis=-1)[..., 0]
+    log_q = log_q + jnp.take_along_axis(log_p, choice[..., None], axis=-1)[..., 0]
+    return (nxt, log_q), (nxt, log_q)
+
+  root = jnp.zeros((num_users, num_samples), jnp.int32)
+  keys = jax.random.split(key, tree.height)
+  _, (nodes, log_q) = jax.lax.scan(step, (root, jnp.zeros(root.shape, jnp.float32)), keys)
+  # scan stacks levels first: [H, U, m] -> [U, H, m].
+  return jnp.transpose(nodes, (1, 0, 2)), jnp.transpose(log_q, (1, 0, 2))
