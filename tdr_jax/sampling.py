@@ -72,10 +72,49 @@ def uniform_negatives(key: jax.Array, positives: jax.Array, levels: jax.Array, i
   return nodes, log_q, mask
 
 
+def top_down_level_log_q(scores: jax.Array, valid: jax.Array, *, branching: int,
+                         num_levels: int) -> jax.Array:
+  """Exact top-down probabilities of every node of levels 1..F from their scores.
+
+  log q(n) = log q(parent(n)) + log softmax of n's score among its valid siblings.
+
+  Args:
+    scores: float[U, W] scores of all nodes of levels 1..F (global ids 1..W, W = sum B^j).
+    valid: bool[W] valid-node mask of the same nodes.
+    branching: B.
+    num_levels: F.
+  Returns:
+    float32[U, W] log q (-inf for invalid nodes).
+  """
+  num_users = scores.shape[0]
+  out = []
+  parent_log_q = jnp.zeros((num_users, 1), jnp.float32)
+  lo = 0
+  for j in range(1, num_levels + 1):
+    width = branching ** j
+    logits = jnp.where(valid[lo:lo + width], scores[:, lo:lo + width], -jnp.inf)
+    # [U, B^j] -> [U, B^(j-1), B]: heap layout keeps each node's children adjacent.
+    groups = logits.reshape(num_users, width // branching, branching)
+    any_valid = jnp.any(jnp.isfinite(groups), axis=-1, keepdims=True)
+    log_p = jax.nn.log_softmax(jnp.where(any_valid, groups, 0.0), axis=-1)
+    log_p = jnp.where(jnp.isfinite(groups), log_p, -jnp.inf)
+    # [U, B^(j-1), B] -> [U, B^j] after adding each parent's log q to its children.
+    level_log_q = (parent_log_q[:, :, None] + log_p).reshape(num_users, width)
+    out.append(level_log_q)
+    parent_log_q = level_log_q
+    lo += width
+  return jnp.concatenate(out, axis=1)
+
+
 def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib.Tree,
-                       history: jax.Array, *, num_samples: int
+                       history: jax.Array, *, num_samples: int, start_level: int = 0
                        ) -> tuple[jax.Array, jax.Array]:
   """Top-down sampling of m paths per user, scored by the current model (no gradient).
+
+  With `start_level` F > 0, the levels 1..F are scored whole (cheaper than m*B children per
+  level when B^F is small) and the m paths' nodes at level F are drawn directly from the exact
+  top-down distribution there (the product of the sibling softmaxes along each path, which is
+  the same law as walking down from the root); the walk then continues with `lax.scan`.
 
   Args:
     key: PRNG key.
@@ -84,15 +123,34 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
     tree: the tree index.
     history: int32[U, L] user histories.
     num_samples: m, the number of paths per user.
+    start_level: F, the level the scanned walk starts from (0 = root).
   Returns:
-    nodes: int32[U, H, m] the node each path visits at levels 1..H.
-    log_q: float32[U, H, m] log of the probability of drawing that node at its level.
+    nodes: int32[U, H-F, m] the node each path visits at levels F+1..H.
+    log_q: float32[U, H-F, m] log of the probability of drawing that node at its level.
   """
   num_users = history.shape[0]
   b = tree.branching
   params = jax.lax.stop_gradient(params)
   children = jnp.asarray(tree.children)
   node_valid = jnp.asarray(tree.node_valid)
+  if not 0 <= start_level < tree.height:
+    raise ValueError(f"start_level={start_level} must lie in [0, {tree.height})")
+  if start_level == 0:
+    current = jnp.zeros((num_users, num_samples), jnp.int32)
+    current_log_q = jnp.zeros(current.shape, jnp.float32)
+  else:
+    key, start_key = jax.random.split(key)
+    width = (b ** (start_level + 1) - 1) // (b - 1) - 1  # nodes of levels 1..F: ids 1..width
+    ids = jnp.arange(1, width + 1, dtype=jnp.int32)
+    scores = score_fn(params, tree, history, jnp.broadcast_to(ids, (num_users, width)))
+    log_q_all = top_down_level_log_q(jax.lax.stop_gradient(scores).astype(jnp.float32),
+                                     node_valid[1:width + 1], branching=b,
+                                     num_levels=start_level)
+    last = log_q_all[:, width - b ** start_level:]  # [U, B^F] level F
+    draw = jax.random.categorical(start_key, last[:, None, :], axis=-1,
+                                  shape=(num_users, num_samples))
+    current = (draw + (b ** start_level - 1) // (b - 1)).astype(jnp.int32)
+    current_log_q = jnp.take_along_axis(last, draw, axis=1)
 
   def step(carry, level_key):
     current, log_q = carry  # [U, m] nodes at the previous level and their log q
@@ -109,8 +167,7 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
     log_q = log_q + jnp.take_along_axis(log_p, choice[..., None], axis=-1)[..., 0]
     return (nxt, log_q), (nxt, log_q)
 
-  root = jnp.zeros((num_users, num_samples), jnp.int32)
-  keys = jax.random.split(key, tree.height)
-  _, (nodes, log_q) = jax.lax.scan(step, (root, jnp.zeros(root.shape, jnp.float32)), keys)
-  # scan stacks levels first: [H, U, m] -> [U, H, m].
+  keys = jax.random.split(key, tree.height - start_level)
+  _, (nodes, log_q) = jax.lax.scan(step, (current, current_log_q), keys)
+  # scan stacks levels first: [H-F, U, m] -> [U, H-F, m].
   return jnp.transpose(nodes, (1, 0, 2)), jnp.transpose(log_q, (1, 0, 2))

@@ -129,7 +129,8 @@ def _chi_square_ok(counts, probs, num):
   return stat, crit
 
 
-def test_top_down_matches_level_softmax_under_theorem3(small_tree):
+@pytest.mark.parametrize("start_level", [0, 2])
+def test_top_down_matches_level_softmax_under_theorem3(small_tree, start_level):
   """Leaf scores arbitrary; internal node scores = log-sum-exp of their children's (condition
   (23) with equal constants): then top-down q at every level equals the level softmax."""
   t = small_tree
@@ -147,19 +148,21 @@ def test_top_down_matches_level_softmax_under_theorem3(small_tree):
   m = 30000
   history = jnp.zeros((1, 3), jnp.int32)
   fn = jax.jit(functools.partial(sampling.top_down_negatives, score_fn=table_score,
-                                 num_samples=m))
+                                 num_samples=m, start_level=start_level))
   nodes, log_q = fn(jax.random.key(3), params=table, tree=t, history=history)
   nodes, log_q = np.asarray(nodes[0]), np.asarray(log_q[0])
-  for lvl in range(1, t.height + 1):
+  assert nodes.shape == (t.height - start_level, m)
+  for lvl in range(start_level + 1, t.height + 1):
     ids = np.arange(t.level_offsets[lvl], t.level_offsets[lvl + 1])
     logits = o[ids]
     probs = np.where(np.isfinite(logits), np.exp(logits - np.logaddexp.reduce(
         logits[np.isfinite(logits)])), 0.0)
-    counts = np.array([(nodes[lvl - 1] == n).sum() for n in ids])
+    row = lvl - 1 - start_level
+    counts = np.array([(nodes[row] == n).sum() for n in ids])
     stat, crit = _chi_square_ok(counts, probs, m)
     assert stat < crit, (lvl, stat, crit)
     # log q reported for each draw equals the softmax log-probability of the drawn node.
-    np.testing.assert_allclose(np.exp(log_q[lvl - 1]), probs[nodes[lvl - 1] - ids[0]], rtol=1e-4)
+    np.testing.assert_allclose(np.exp(log_q[row]), probs[nodes[row] - ids[0]], rtol=1e-4)
 
 
 def test_top_down_never_draws_empty_subtrees(small_tree):

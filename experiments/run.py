@@ -1,0 +1,72 @@
+"""Train a retrieval method and evaluate it on the test users.
+
+  python experiments/run.py                      # TDR(T) on the synthetic default
+  python experiments/run.py --dataset=tmall --data_dir=/data/tmall --preset=paper
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tdr_jax import experiment  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS),
+                  "paper: TDR sec. 8.4 settings; default: fits `make run` on a 2-core CPU; "
+                  "smoke: seconds, for tests.")
+flags.DEFINE_string("dataset", "synthetic", "synthetic, movielens, tmall, taobao, amazon_books, "
+                    "mind or csv.")
+flags.DEFINE_string("data_dir", None, "Folder of the raw files (and the preprocessing cache); "
+                    "default data/<dataset>.")
+flags.DEFINE_string("method", "tdr", "Retrieval method.")
+flags.DEFINE_enum("sampler", None, ["uniform", "top_down"], "Negative sampler (default top_down).")
+flags.DEFINE_integer("num_negatives", None, "Negatives per level (paper: 70).")
+flags.DEFINE_integer("beam_size", None, "Beam size k (paper: 150).")
+flags.DEFINE_list("topk", None, "Cut-offs K, e.g. 20,40,60.")
+flags.DEFINE_integer("branching", None, "Tree branching factor B.")
+flags.DEFINE_float("epochs", None, "Training epochs (fractions allowed).")
+flags.DEFINE_integer("batch_size", None, "Training batch size.")
+flags.DEFINE_integer("history_len", None, "History length L (windows must sum to it).")
+flags.DEFINE_list("windows", None, "Time-window sizes, most recent first.")
+flags.DEFINE_float("learning_rate", None, "Adam learning rate.")
+flags.DEFINE_integer("seed", None, "Seed of data split, tree, init and sampling.")
+flags.DEFINE_integer("max_train_samples", None, "Use a seeded subset of the training samples.")
+flags.DEFINE_integer("max_eval_users", None, "Evaluate on the first N test users only.")
+flags.DEFINE_integer("checkpoint_every", None, "Checkpoint period in steps.")
+flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
+                    "An existing workdir with checkpoints is resumed.")
+
+
+def config_from_flags() -> experiment.Config:
+  ints = lambda v: tuple(int(x) for x in v) if v else None  # noqa: E731
+  data_dir = FLAGS.data_dir or os.path.join("data", FLAGS.dataset)
+  return experiment.make_config(
+      FLAGS.preset, dataset=FLAGS.dataset, data_dir=data_dir, method=FLAGS.method,
+      sampler=FLAGS.sampler, num_negatives=FLAGS.num_negatives, beam_size=FLAGS.beam_size,
+      topk=ints(FLAGS.topk), branching=FLAGS.branching, epochs=FLAGS.epochs,
+      batch_size=FLAGS.batch_size, history_len=FLAGS.history_len, windows=ints(FLAGS.windows),
+      learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+      max_train_samples=FLAGS.max_train_samples, max_eval_users=FLAGS.max_eval_users,
+      checkpoint_every=FLAGS.checkpoint_every)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = config_from_flags()
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  workdir = FLAGS.workdir or os.path.join(
+      "runs", f"{config.dataset}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+  logging.set_verbosity(logging.WARNING)  # Orbax and XLA are chatty at INFO
+  print(f"workdir: {workdir}")
+  experiment.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,167 @@
+"""The training step of the tree models: per-level losses over the nodes of a tree.
+
+`make_train_step` returns a pure function `step(state, batch, tree, index, base_key) ->
+(state, metrics)` for any scorer `score_fn(params, tree, history, nodes)`. The step draws its
+randomness from `fold_in(base_key, state.step)`, so a resumed run continues the same random
+stream without saving a key. Jit it once (`jax.jit(step, donate_argnums=0)`); under a
+`jax.sharding.Mesh` with the batch sharded along its first axis and the state replicated, the
+same function runs data-parallel (XLA inserts the gradient all-reduce).
+
+Levels 1..H are trained (the root is trivial):
+* TDR (`loss="softmax"`): levels with at most `full_softmax_nodes` nodes use the full softmax
+  over the level (Eq. 5-7); deeper levels the sampled softmax with logQ correction (Eq. 17-18)
+  over `num_negatives` uniform or top-down negatives. Optional per-sample, per-level label
+  weights (Eq. 15) come with the batch.
+* TDM/JTM (`loss="bce"`): binary cross-entropy (Eq. 2), the positive path against uniform
+  negatives at every level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tdr_jax import losses, sampling
+from tdr_jax import tree as tree_lib
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32[]
+  params: Any
+  opt_state: Any
+
+
+class Batch(NamedTuple):
+  """A training batch (all arrays share the leading batch axis).
+
+  history: int32[B, L] left-padded with -1; target: int32[B] item ids; weight: float32[B, H]
+  label weight per level 1..H (ones for plain labels); mask: bool[B] False for padding rows.
+  """
+  history: jax.Array
+  target: jax.Array
+  weight: jax.Array
+  mask: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  loss: str = "softmax"  # "softmax" (TDR) or "bce" (TDM/JTM)
+  sampler: str = "top_down"  # "uniform" or "top_down"
+  num_negatives: int = 70
+  full_softmax_nodes: int = 128  # levels with at most this many nodes use the full softmax
+
+
+def num_full_levels(config: StepConfig, *, branching: int, height: int) -> int:
+  """Number of levels 1..F trained with the full softmax (0 for the binary loss)."""
+  if config.loss != "softmax":
+    return 0
+  f = 0
+  while f < height and branching ** (f + 1) <= config.full_softmax_nodes:
+    f += 1
+  return f
+
+
+def make_optimizer(*, learning_rate: float = 1e-3, decay_steps: int = 1000,
+                   decay_rate: float = 0.9) -> optax.GradientTransformation:
+  """Adam with an exponentially decaying learning rate (TDR sec. 8.4)."""
+  schedule = optax.exponential_decay(learning_rate, transition_steps=max(decay_steps, 1),
+                                     decay_rate=decay_rate)
+  return optax.adam(schedule)
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, height: int):
+  """Returns `loss_fn(params, batch, tree, index, key) -> (loss, metrics)` (mean over batch)."""
+  if config.loss not in ("softmax", "bce"):
+    raise ValueError(f"unknown loss {config.loss!r}; expected 'softmax' or 'bce'")
+  if config.sampler not in ("uniform", "top_down"):
+    raise ValueError(f"unknown sampler {config.sampler!r}; expected 'uniform' or 'top_down'")
+  full = num_full_levels(config, branching=branching, height=height)
+  sampled_levels = tuple(range(full + 1, height + 1))
+  m = config.num_negatives
+  # Node ids of the full-softmax levels 1..F are contiguous in the heap layout.
+  full_width = (branching ** (full + 1) - 1) // (branching - 1) - 1 if full else 0
+
+  def loss_fn(params, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex, key):
+    bsz = batch.target.shape[0]
+    node_valid = jnp.asarray(tree.node_valid)
+    paths = jnp.asarray(tree.item_paths)[jnp.maximum(batch.target, 0)]  # [B, H+1]
+    num_s = len(sampled_levels)
+    parts = []
+    if full:
+      full_nodes = jnp.arange(1, 1 + full_width, dtype=jnp.int32)
+      parts.append(jnp.broadcast_to(full_nodes, (bsz, full_width)))
+    if num_s:
+      pos = paths[:, full + 1:]  # [B, S] positives of the sampled levels
+      if config.sampler == "top_down" and config.loss == "softmax":
+        neg, log_q = sampling.top_down_negatives(key, score_fn, params, tree, batch.history,
+                                                 num_samples=m, start_level=full)
+        neg_mask = neg != pos[:, :, None]  # accidental hits of the positive
+      else:
+        levels = jnp.asarray(sampled_levels, jnp.int32)
+        keys = jax.random.split(key, bsz)
+        neg, log_q, neg_mask = jax.vmap(
+            lambda k, p: sampling.uniform_negatives(k, p, levels, index, num_samples=m))(keys, pos)
+      parts.append(pos)
+      # [B, S, m] -> [B, S*m]: negatives of all sampled levels in one row per sample.
+      parts.append(neg.reshape(bsz, num_s * m))
+    nodes = jnp.concatenate(parts, axis=1)
+    scores = score_fn(params, tree, batch.history, nodes).astype(jnp.float32)
+    per_level = []
+    off = 0
+    if full:
+      for j in range(1, full + 1):
+        lo = (branching ** j - 1) // (branching - 1) - 1  # column of level j's first node
+        width = branching ** j
+        logits = scores[:, lo:lo + width]
+        label = paths[:, j] - (lo + 1)
+        mask = node_valid[lo + 1:lo + 1 + width]
+        per_level.append(jax.vmap(losses.full_softmax_loss, in_axes=(0, 0, None, 0))(
+            logits, label, mask, batch.weight[:, j - 1]))
+      off = full_width
+    if num_s:
+      pos_scores = scores[:, off:off + num_s]  # [B, S]
+      # [B, S*m] -> [B, S, m]: back to one row of negatives per level.
+      neg_scores = scores[:, off + num_s:].reshape(bsz, num_s, m)
+      w = batch.weight[:, full:]  # [B, S]
+      if config.loss == "softmax":
+        fn = jax.vmap(jax.vmap(lambda p, n, q, k, wt: losses.sampled_softmax_loss(
+            p, n, q, k, wt, num_samples=m)))
+        per_level.append(fn(pos_scores, neg_scores, log_q, neg_mask, w).T)
+      else:
+        per_level.append(jax.vmap(jax.vmap(losses.binary_cross_entropy_loss))(
+            pos_scores, neg_scores, neg_mask, w).T)
+    level_losses = jnp.concatenate([jnp.atleast_2d(x) for x in per_level], axis=0)  # [H, B]
+    sample_mask = batch.mask.astype(jnp.float32)
+    denom = jnp.maximum(sample_mask.sum(), 1.0)
+    per_sample = level_losses.sum(0)
+    loss = jnp.sum(per_sample * sample_mask) / denom
+    metrics = {"loss": loss,
+               "level_loss": jnp.sum(level_losses * sample_mask[None], axis=1) / denom}
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(score_fn: Callable, optimizer: optax.GradientTransformation,
+                    config: StepConfig, *, branching: int, height: int):
+  """Returns the pure step `(state, batch, tree, index, base_key) -> (state, metrics)`."""
+  loss_fn = make_loss_fn(score_fn, config, branching=branching, height=height)
+
+  def step(state: TrainState, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex,
+           base_key: jax.Array):
+    key = jax.random.fold_in(base_key, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tree, index, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return step
