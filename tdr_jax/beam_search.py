@@ -1,6 +1,7 @@
 """Layer-wise beam search over the tree (TDR Algorithm 1) and exact brute-force retrieval.
 
-Both take a scorer `score_fn(params, tree, history, nodes) -> float[U, M]` and are batched
+Both take a scorer `score_fn(params, tree, history, nodes, level=None) -> float[U, M]`
+(see `tdr_jax.sampling`) and are batched
 over users, jit-compatible, with static shapes: `beam_size`, `topk` and the tree's height and
 branching are static; the tree's arrays are traced, so a new tree of the same shape reuses the
 compiled search.
@@ -68,7 +69,7 @@ def beam_search(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Arr
   width = b ** s
   level_nodes = jnp.broadcast_to(level_offsets[s] + jnp.arange(width, dtype=jnp.int32),
                                  (num_users, width))
-  scores = score_fn(params, tree, history, level_nodes).astype(jnp.float32)
+  scores = score_fn(params, tree, history, level_nodes, level=s).astype(jnp.float32)
   scores = jnp.where(node_valid[level_nodes], scores, -jnp.inf)
   k0 = min(beam_size, width)
   beam_scores, idx = jax.lax.top_k(scores, k0)
@@ -76,18 +77,19 @@ def beam_search(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Arr
   if s == height:
     return _leaf_items(tree, beam, beam_scores, topk)
 
-  def expand(carry, _):
-    beam, beam_scores = carry  # [U, k]
+  def expand(carry, level):
+    beam, beam_scores = carry  # [U, k] nodes of level - 1
     alive = jnp.isfinite(beam_scores)
     # [U, k, B] -> [U, k*B]: the children of every beam node, as one candidate row per user.
     kids = children[beam].reshape(num_users, beam_size * b)
     ok = jnp.repeat(alive, b, axis=1) & node_valid[kids]
-    sc = score_fn(params, tree, history, kids).astype(jnp.float32)
+    sc = score_fn(params, tree, history, kids, level=level).astype(jnp.float32)
     sc = jnp.where(ok, sc, -jnp.inf)
     new_scores, idx = jax.lax.top_k(sc, beam_size)
     return (jnp.take_along_axis(kids, idx, axis=1), new_scores), None
 
-  (beam, beam_scores), _ = jax.lax.scan(expand, (beam, beam_scores), None, length=height - s)
+  (beam, beam_scores), _ = jax.lax.scan(expand, (beam, beam_scores),
+                                       jnp.arange(s + 1, height + 1, dtype=jnp.int32))
   return _leaf_items(tree, beam, beam_scores, topk)
 
 
@@ -119,7 +121,8 @@ def brute_force(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Arr
   def body(carry, xs):
     best_items, best_scores = carry
     chunk_items, chunk_nodes = xs
-    sc = score_fn(params, tree, history, jnp.broadcast_to(chunk_nodes, (num_users, chunk)))
+    sc = score_fn(params, tree, history, jnp.broadcast_to(chunk_nodes, (num_users, chunk)),
+                  level=tree.height)
     sc = jnp.where(chunk_items[None, :] >= 0, sc.astype(jnp.float32), -jnp.inf)
     all_scores = jnp.concatenate([best_scores, sc], axis=1)
     all_items = jnp.concatenate([best_items, jnp.broadcast_to(chunk_items, (num_users, chunk))],

@@ -176,9 +176,9 @@ def build_model(cfg: Config, tree: tree_lib.Tree):
   graphdef, params = nnx.split(model)
   din_score = din_lib.make_score_fn(graphdef)
 
-  def score_fn(params, tree, history, nodes):
+  def score_fn(params, tree, history, nodes, level=None):
     return din_score(params, history, nodes, jnp.asarray(tree.item_paths),
-                     jnp.asarray(tree.level_offsets))
+                     jnp.asarray(tree.level_offsets), level=level)
 
   return score_fn, params
 

@@ -1,8 +1,11 @@
 """Negative samplers over tree levels (TDR sec. 5).
 
-A scorer is any function `score_fn(params, tree, history, nodes) -> float[U, M]` scoring the
-global node ids `nodes: int32[U, M]` for the users whose histories are `history: int32[U, L]`.
-The samplers never look inside it, so DIN, two-tower or any other model plugs in.
+A scorer is any function `score_fn(params, tree, history, nodes, level=None) -> float[U, M]`
+scoring the global node ids `nodes: int32[U, M]` for the users whose histories are
+`history: int32[U, L]`. When the caller knows that all `nodes` lie on one level it passes that
+level (a Python int or a traced int32 scalar) so a level-aware scorer can share per-level work;
+`level=None` means the nodes may be on mixed levels. The samplers never look inside the scorer,
+so DIN, two-tower or any other model plugs in.
 
 * `uniform_negatives`: per level, m nodes drawn uniformly with replacement among the valid nodes
   of the level other than the positive, so q = 1 / (c(j) - 1) (unbatched; vmap over samples).
@@ -141,8 +144,13 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
   else:
     key, start_key = jax.random.split(key)
     width = (b ** (start_level + 1) - 1) // (b - 1) - 1  # nodes of levels 1..F: ids 1..width
-    ids = jnp.arange(1, width + 1, dtype=jnp.int32)
-    scores = score_fn(params, tree, history, jnp.broadcast_to(ids, (num_users, width)))
+    level_scores = []
+    for j in range(1, start_level + 1):
+      first = (b ** j - 1) // (b - 1)
+      ids = jnp.arange(first, first + b ** j, dtype=jnp.int32)
+      level_scores.append(score_fn(params, tree, history,
+                                   jnp.broadcast_to(ids, (num_users, b ** j)), level=j))
+    scores = jnp.concatenate(level_scores, axis=1)  # [U, width]
     log_q_all = top_down_level_log_q(jax.lax.stop_gradient(scores).astype(jnp.float32),
                                      node_valid[1:width + 1], branching=b,
                                      num_levels=start_level)
@@ -152,12 +160,14 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
     current = (draw + (b ** start_level - 1) // (b - 1)).astype(jnp.int32)
     current_log_q = jnp.take_along_axis(last, draw, axis=1)
 
-  def step(carry, level_key):
+  def step(carry, xs):
+    level, level_key = xs
     current, log_q = carry  # [U, m] nodes at the previous level and their log q
     kids = children[current]  # [U, m, B]; current is never a leaf here
     valid = node_valid[kids]
     # [U, m, B] -> [U, m*B]: one scorer call for all children of all paths.
-    scores = score_fn(params, tree, history, kids.reshape(num_users, num_samples * b))
+    scores = score_fn(params, tree, history, kids.reshape(num_users, num_samples * b),
+                      level=level)
     # [U, m*B] -> [U, m, B]: back to one row of children per path.
     scores = jax.lax.stop_gradient(scores).reshape(num_users, num_samples, b)
     logits = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
@@ -168,6 +178,7 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
     return (nxt, log_q), (nxt, log_q)
 
   keys = jax.random.split(key, tree.height - start_level)
-  _, (nodes, log_q) = jax.lax.scan(step, (current, current_log_q), keys)
+  levels = jnp.arange(start_level + 1, tree.height + 1, dtype=jnp.int32)
+  _, (nodes, log_q) = jax.lax.scan(step, (current, current_log_q), (levels, keys))
   # scan stacks levels first: [H-F, U, m] -> [U, H-F, m].
   return jnp.transpose(nodes, (1, 0, 2)), jnp.transpose(log_q, (1, 0, 2))

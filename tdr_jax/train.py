@@ -86,18 +86,24 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
   full = num_full_levels(config, branching=branching, height=height)
   sampled_levels = tuple(range(full + 1, height + 1))
   m = config.num_negatives
-  # Node ids of the full-softmax levels 1..F are contiguous in the heap layout.
-  full_width = (branching ** (full + 1) - 1) // (branching - 1) - 1 if full else 0
 
   def loss_fn(params, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex, key):
     bsz = batch.target.shape[0]
     node_valid = jnp.asarray(tree.node_valid)
     paths = jnp.asarray(tree.item_paths)[jnp.maximum(batch.target, 0)]  # [B, H+1]
     num_s = len(sampled_levels)
-    parts = []
-    if full:
-      full_nodes = jnp.arange(1, 1 + full_width, dtype=jnp.int32)
-      parts.append(jnp.broadcast_to(full_nodes, (bsz, full_width)))
+    per_level = []
+    # One scorer call per level, each told its level: a level-aware scorer (DIN with the
+    # hierarchical user representation) then shares the history's per-level work across the
+    # level's nodes.
+    for j in range(1, full + 1):
+      first = (branching ** j - 1) // (branching - 1)  # global id of level j's first node
+      width = branching ** j
+      ids = jnp.broadcast_to(jnp.arange(first, first + width, dtype=jnp.int32), (bsz, width))
+      logits = score_fn(params, tree, batch.history, ids, level=j).astype(jnp.float32)
+      mask = node_valid[first:first + width]
+      per_level.append(jax.vmap(losses.full_softmax_loss, in_axes=(0, 0, None, 0))(
+          logits, paths[:, j] - first, mask, batch.weight[:, j - 1]))
     if num_s:
       pos = paths[:, full + 1:]  # [B, S] positives of the sampled levels
       if config.sampler == "top_down" and config.loss == "softmax":
@@ -109,36 +115,18 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
         keys = jax.random.split(key, bsz)
         neg, log_q, neg_mask = jax.vmap(
             lambda k, p: sampling.uniform_negatives(k, p, levels, index, num_samples=m))(keys, pos)
-      parts.append(pos)
-      # [B, S, m] -> [B, S*m]: negatives of all sampled levels in one row per sample.
-      parts.append(neg.reshape(bsz, num_s * m))
-    nodes = jnp.concatenate(parts, axis=1)
-    scores = score_fn(params, tree, batch.history, nodes).astype(jnp.float32)
-    per_level = []
-    off = 0
-    if full:
-      for j in range(1, full + 1):
-        lo = (branching ** j - 1) // (branching - 1) - 1  # column of level j's first node
-        width = branching ** j
-        logits = scores[:, lo:lo + width]
-        label = paths[:, j] - (lo + 1)
-        mask = node_valid[lo + 1:lo + 1 + width]
-        per_level.append(jax.vmap(losses.full_softmax_loss, in_axes=(0, 0, None, 0))(
-            logits, label, mask, batch.weight[:, j - 1]))
-      off = full_width
-    if num_s:
-      pos_scores = scores[:, off:off + num_s]  # [B, S]
-      # [B, S*m] -> [B, S, m]: back to one row of negatives per level.
-      neg_scores = scores[:, off + num_s:].reshape(bsz, num_s, m)
-      w = batch.weight[:, full:]  # [B, S]
-      if config.loss == "softmax":
-        fn = jax.vmap(jax.vmap(lambda p, n, q, k, wt: losses.sampled_softmax_loss(
-            p, n, q, k, wt, num_samples=m)))
-        per_level.append(fn(pos_scores, neg_scores, log_q, neg_mask, w).T)
-      else:
-        per_level.append(jax.vmap(jax.vmap(losses.binary_cross_entropy_loss))(
-            pos_scores, neg_scores, neg_mask, w).T)
-    level_losses = jnp.concatenate([jnp.atleast_2d(x) for x in per_level], axis=0)  # [H, B]
+      for i, j in enumerate(sampled_levels):
+        # Column 0: the positive; columns 1..m: the negatives of level j.
+        ids = jnp.concatenate([pos[:, i:i + 1], neg[:, i]], axis=1)
+        sc = score_fn(params, tree, batch.history, ids, level=j).astype(jnp.float32)
+        w = batch.weight[:, j - 1]
+        if config.loss == "softmax":
+          per_level.append(jax.vmap(lambda p, n, q, k, wt: losses.sampled_softmax_loss(
+              p, n, q, k, wt, num_samples=m))(sc[:, 0], sc[:, 1:], log_q[:, i], neg_mask[:, i], w))
+        else:
+          per_level.append(jax.vmap(losses.binary_cross_entropy_loss)(
+              sc[:, 0], sc[:, 1:], neg_mask[:, i], w))
+    level_losses = jnp.stack(per_level)  # [H, B]
     sample_mask = batch.mask.astype(jnp.float32)
     denom = jnp.maximum(sample_mask.sum(), 1.0)
     per_sample = level_losses.sum(0)

@@ -12,10 +12,14 @@ from tdr_jax import losses, sampling
 from tdr_jax import tree as tree_lib
 
 
-def table_score(params, tree, history, nodes):
+def table_score(params, tree, history, nodes, level=None):
   """Scorer reading a table: params[user, node]; the user id is history[:, -1]."""
   user = history[:, -1]
-  return params[user[:, None], nodes]
+  scores = params[user[:, None], nodes]
+  if level is not None:  # callers promise that every node lies on `level`: NaN if not
+    lv = tree_lib.node_level(nodes, branching=tree.branching)
+    scores = jnp.where(lv == level, scores, jnp.nan)
+  return scores
 
 
 # ---- losses --------------------------------------------------------------------------------
