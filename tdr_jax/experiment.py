@@ -38,6 +38,10 @@ log = logging.getLogger("tdr_jax")
 PAPER_WINDOWS = (1, 1, 1, 2, 2, 2, 10, 10, 20, 20)
 
 
+class SimulatedCrash(RuntimeError):
+  """Raised by `Config.stop_after_step` to test resumption from checkpoints."""
+
+
 @dataclasses.dataclass
 class Config:
   """Every setting of a run. Presets fill these; flags override single fields."""
@@ -68,13 +72,14 @@ class Config:
   max_eval_users: int = 0  # 0 = all test users
   checkpoint_every: int = 500  # steps
   log_every: int = 50  # steps between host syncs (loss checks, progress)
+  stop_after_step: int = 0  # testing: raise SimulatedCrash after this step (0 = off)
   synthetic_users: int = 8000
   synthetic_items: int = 5000
 
   def fingerprint(self) -> str:
     """Hash of the settings that determine the trained model (not eval or run length)."""
     skip = {"epochs", "beam_size", "topk", "eval_batch_size", "max_eval_users",
-            "checkpoint_every", "log_every", "data_dir", "preset"}
+            "checkpoint_every", "log_every", "data_dir", "preset", "stop_after_step"}
     d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
@@ -178,7 +183,7 @@ def build_model(cfg: Config, tree: tree_lib.Tree):
 
   def score_fn(params, tree, history, nodes, level=None):
     return din_score(params, history, nodes, jnp.asarray(tree.item_paths),
-                     jnp.asarray(tree.level_offsets), level=level)
+                     jnp.asarray(tree.level_offsets))
 
   return score_fn, params
 
@@ -296,6 +301,9 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
       bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{done_samples / elapsed:.0f}")
     if (step + 1) % cfg.checkpoint_every == 0 or last:
       ckpt.save(step + 1, jax.device_get(state), tree, force=last)
+    if cfg.stop_after_step and step + 1 == cfg.stop_after_step and not last:
+      ckpt.close()
+      raise SimulatedCrash(f"simulated crash after step {step + 1}")
   bar.close()
   ckpt.close()
   seconds = time.perf_counter() - t0

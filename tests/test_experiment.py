@@ -1,0 +1,99 @@
+"""End-to-end: the smoke preset through train_and_evaluate and run.py, resume, refusal."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tdr_jax import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def _metric_values(results):
+  row = next(r for r in results["results"] if r["method"].startswith("TDR"))
+  return {k: v for k, v in row.items() if "@" in k}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  cfg = experiment.make_config("smoke", data_dir=data_dir)
+  return workdir, experiment.train_and_evaluate(cfg, workdir)
+
+
+def test_results_files_and_rows(uninterrupted):
+  workdir, results = uninterrupted
+  for name in ("config.json", "results.json", "results.md"):
+    assert os.path.exists(os.path.join(workdir, name))
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert on_disk == json.loads(json.dumps(results))
+  methods = [r["method"] for r in results["results"]]
+  assert methods[0] == "TDR(T)" and "oracle" in methods and "random" in methods
+  keys = set(results["results"][0])
+  assert all(set(r) == keys for r in results["results"]), "every row has the same keys"
+  for k in (5, 10, 20):
+    for m in ("precision", "recall", "f_measure", "oracle_ratio"):
+      assert f"{m}@{k}" in keys
+  oracle = next(r for r in results["results"] if r["method"] == "oracle")
+  assert oracle["oracle_ratio@20"] == pytest.approx(1.0)
+  tdr = results["results"][0]
+  assert 0.0 <= tdr["oracle_ratio@20"] <= 1.0 + 1e-9
+  assert oracle["f_measure@20"] > tdr["f_measure@20"] * 0.999
+
+
+def test_crash_and_resume_gives_same_metrics(uninterrupted, data_dir, tmp_path, capsys):
+  _, full = uninterrupted
+  workdir = str(tmp_path / "resumed")
+  cfg = experiment.make_config("smoke", data_dir=data_dir, stop_after_step=17)
+  with pytest.raises(experiment.SimulatedCrash):
+    experiment.train_and_evaluate(cfg, workdir)
+  capsys.readouterr()
+  cfg = experiment.make_config("smoke", data_dir=data_dir)
+  resumed = experiment.train_and_evaluate(cfg, workdir)
+  out = capsys.readouterr().out
+  assert "Resuming from checkpoint at step 10" in out  # checkpoint_every=10 in smoke
+  want, got = _metric_values(full), _metric_values(resumed)
+  assert want.keys() == got.keys()
+  for k in want:
+    assert got[k] == pytest.approx(want[k], abs=1e-7), k
+
+  # A checkpoint written for another configuration is refused with a clear message.
+  other = experiment.make_config("smoke", data_dir=data_dir, num_negatives=5)
+  with pytest.raises(ValueError, match="another configuration"):
+    experiment.train_and_evaluate(other, workdir)
+
+
+def test_bad_settings_are_refused():
+  with pytest.raises(ValueError, match="windows"):
+    experiment.make_config("smoke", history_len=7)
+  with pytest.raises(ValueError, match="beam_size"):
+    experiment.make_config("smoke", beam_size=3)
+  with pytest.raises(ValueError, match="preset"):
+    experiment.make_config("nope")
+
+
+def test_run_binary_smoke(data_dir, tmp_path):
+  workdir = str(tmp_path / "bin")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--preset=smoke",
+       f"--data_dir={data_dir}", f"--workdir={workdir}", "--sampler=uniform"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| TDR(U) |" in proc.stdout
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["dataset"] == "synthetic"
+  assert results["results"][0]["settings"]["sampler"] == "uniform"
+  bad = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--preset=smoke",
+       "--history_len=5", f"--workdir={workdir}-bad", f"--data_dir={data_dir}"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert bad.returncode != 0 and "windows" in bad.stderr

@@ -1,0 +1,32 @@
+"""Data-parallel train step and beam search: 4 simulated CPU devices give the same result as 1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _probe(data_dir, devices, sampler):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_probe.py"),
+                         data_dir, sampler], capture_output=True, text=True, env=env,
+                        timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("sampler", ["top_down", "uniform"])
+def test_four_devices_match_one(tmp_path, sampler):
+  one = _probe(str(tmp_path), 1, sampler)
+  four = _probe(str(tmp_path), 4, sampler)
+  assert one["devices"] == 1 and four["devices"] == 4
+  assert "data" in four["sharded"]
+  np.testing.assert_allclose(four["losses"], one["losses"], rtol=2e-5)
+  assert four["items"] == one["items"]
