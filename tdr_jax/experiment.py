@@ -93,7 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(num_negatives=16, beam_size=60, history_len=20,
                     windows=(1, 1, 1, 2, 2, 2, 5, 6), attention_hidden=(16,),
                     mlp_hidden=(64, 32), batch_size=256, epochs=1.0, full_softmax_nodes=64,
-                    max_eval_users=0),
+                    max_train_samples=200_000),
     "smoke": dict(num_negatives=4, beam_size=20, topk=(5, 10, 20), history_len=6,
                   windows=(1, 2, 3), attention_hidden=(8,), mlp_hidden=(16, 8), batch_size=32,
                   epochs=1.0, full_softmax_nodes=8, synthetic_users=300, synthetic_items=400,
@@ -183,7 +183,7 @@ def build_model(cfg: Config, tree: tree_lib.Tree):
 
   def score_fn(params, tree, history, nodes, level=None):
     return din_score(params, history, nodes, jnp.asarray(tree.item_paths),
-                     jnp.asarray(tree.level_offsets))
+                     jnp.asarray(tree.level_offsets), level=level)
 
   return score_fn, params
 

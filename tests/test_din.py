@@ -339,3 +339,26 @@ def test_constructor_validation():
         DIN(num_nodes=NUM_NODES, windows=(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError):
         DIN(num_nodes=NUM_NODES, windows=(2, 0), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_level_hint_equals_mixed_level_path(hierarchical):
+    """With `level=j` (all nodes on level j) the shared-history path gives the same scores as
+    the general path, also when j is a traced value inside jit."""
+    model = make_model(seed=2, hierarchical=hierarchical)
+    graphdef, state = nnx.split(model)
+    score = make_score_fn(graphdef)
+    rng = np.random.default_rng(3)
+    for j in range(0, HEIGHT + 1):
+        nodes = rng.integers(OFFSETS[j], OFFSETS[j + 1], size=(3, 4)).astype(np.int32)
+        nodes[1, 0] = -1  # padding stays allowed
+        args = (jnp.asarray(HISTORY), jnp.asarray(nodes), jnp.asarray(PATHS), jnp.asarray(OFFSETS))
+        with jax.default_matmul_precision("highest"):
+            mixed = score(state, *args)
+            hinted = score(state, *args, level=j)
+            traced = jax.jit(score)(state, *args, level=jnp.int32(j))
+        valid = nodes >= 0
+        np.testing.assert_allclose(np.asarray(hinted)[valid], np.asarray(mixed)[valid], rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(traced)[valid], np.asarray(mixed)[valid], rtol=1e-5,
+                                   atol=1e-6)

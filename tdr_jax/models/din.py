@@ -204,8 +204,17 @@ class DIN(nnx.Module):
         nodes: jax.Array,
         item_paths: jax.Array,
         level_offsets: jax.Array,
+        level: jax.Array | int | None = None,
     ) -> jax.Array:
         """Scores ``float32[B, M]`` for every (user, node) pair.
+
+        ``level`` (optional, a Python int or a traced int scalar) promises that
+        every node of the call lies on that tree level. Then the hierarchical
+        history representation is the same for all of a user's nodes and the
+        cheaper shared-history path is used (the same maths; about 2x faster
+        on CPU). Callers that score one level at a time (training per level,
+        beam search, top-down sampling) pass it; without it nodes may mix
+        levels.
 
         Args:
           history: ``int32[B, L]`` item ids, left-padded with -1, most recent
@@ -250,7 +259,8 @@ class DIN(nnx.Module):
         k_e, k_p, k_n = kernel[:d], kernel[d : 2 * d], kernel[2 * d :]  # [D, A] each
         node_term = n @ k_n + self.att_in.bias[...]  # [B, M, A]
 
-        if self.hierarchical:
+        shared_history = (not self.hierarchical) or level is not None
+        if not shared_history:
             num_levels = item_paths.shape[1]  # H + 1
             level = node_levels(node_ids, level_offsets)  # [B, M]
             hist_nodes = item_paths[hist_items]  # [B, L, H+1]
@@ -274,8 +284,11 @@ class DIN(nnx.Module):
                 jnp.einsum("bmld,bmda->bmla", e, node_kernel) + node_term[:, :, None, :]
             )  # [B, M, L, A]
         else:
-            leaves = item_paths[hist_items, -1]  # [B, L]
-            e = table[leaves]  # [B, L, D]  shared by all nodes of a user
+            if self.hierarchical:  # all nodes on `level`: the history seen from it
+                hist_nodes = jnp.take(item_paths, jnp.asarray(level), axis=1)[hist_items]
+            else:
+                hist_nodes = item_paths[hist_items, -1]  # leaves
+            e = table[hist_nodes]  # [B, L, D]  shared by all nodes of a user
             ue = e @ k_e  # [B, L, A]  once per (user, position)
             # (e * n) @ K_p == n @ (diag(e) K_p): one D x (L*A) matrix per user,
             # so the per-pair term is a plain [M, D] x [D, L*A] matmul per user
@@ -295,7 +308,7 @@ class DIN(nnx.Module):
 
         # Weighted sum inside each window: S[l, w] assigns positions to windows.
         s = jnp.asarray(window_matrix(self.windows))  # [L, W]
-        if self.hierarchical:
+        if not shared_history:
             win = jnp.einsum("bml,lw,bmld->bmwd", weights, s, e)  # [B, M, W, D]
         else:
             win = jnp.einsum("bml,lw,bld->bmwd", weights, s, e)  # [B, M, W, D]
@@ -336,10 +349,10 @@ def make_score_fn(
     ``batch_norm=False``).
     """
 
-    def score_fn(state, history, nodes, item_paths, level_offsets):
+    def score_fn(state, history, nodes, item_paths, level_offsets, level=None):
         states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
         model = nnx.merge(graphdef, *states)
-        scores = model(history, nodes, item_paths, level_offsets)
+        scores = model(history, nodes, item_paths, level_offsets, level=level)
         if return_batch_stats:
             return scores, nnx.state(model, nnx.BatchStat)
         return scores
