@@ -277,6 +277,7 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
   bar = tqdm(total=total_steps, initial=start, desc=f"train {method_label(cfg)}",
              unit="step", mininterval=2.0, disable=None)
   done_samples = 0
+  next_print = start
 
   def check(pending):
     losses = np.asarray(jax.device_get([m for _, m in pending]))
@@ -299,6 +300,11 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
       elapsed = time.perf_counter() - t0
       bar.update(step + 1 - bar.n)
       bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{done_samples / elapsed:.0f}")
+      if bar.disable and (step + 1 >= next_print or last):
+        # No terminal (CI, redirected output): plain progress lines instead of a bar.
+        next_print = step + 1 + max(cfg.log_every, total_steps // 10)
+        print(f"step {step + 1}/{total_steps}  loss {loss:.4f}  "
+              f"{done_samples / elapsed:.0f} samples/s", flush=True)
     if (step + 1) % cfg.checkpoint_every == 0 or last:
       ckpt.save(step + 1, jax.device_get(state), tree, force=last)
     if cfg.stop_after_step and step + 1 == cfg.stop_after_step and not last:
