@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tdr_jax import beam_search as bs
 from tdr_jax import metrics as metrics_lib
-from tdr_jax import sampling, train
+from tdr_jax import forest as forest_lib
+from tdr_jax import sampling, train, tree_learning
 from tdr_jax import tree as tree_lib
 from tdr_jax.data import datasets, synthetic
 from tdr_jax.data.preprocess import eval_split, train_batch
@@ -72,7 +73,12 @@ class Config:
   max_eval_users: int = 0  # 0 = all test users
   checkpoint_every: int = 500  # steps
   log_every: int = 50  # steps between host syncs (loss checks, progress)
-  stop_after_step: int = 0  # testing: raise SimulatedCrash after this step (0 = off)
+  stop_after_step: int = 0  # testing: SimulatedCrash after this global step, all rounds (0 = off)
+  tree_rounds: int = 1  # trees learned in turn with the model (JTM Algorithm 1); 1 = no learning
+  tree_learning: str = "tdr"  # "tdr" (Eq. 24), "jtm" (binary log-likelihood) or "tdm" (k-means)
+  tree_gap: int = 7  # layer gap d
+  tree_users_per_item: int = 20  # cap on A_i per item (seeded subsample)
+  forest: bool = True  # also retrieve with the forest of every round's (tree, model)
   synthetic_users: int = 8000
   synthetic_items: int = 5000
 
@@ -89,15 +95,16 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(num_negatives=70, beam_size=150, history_len=69, windows=PAPER_WINDOWS,
                   embed_dim=24, attention_hidden=(36,), mlp_hidden=(128, 64), batch_size=256,
-                  epochs=1.0),
+                  epochs=1.0, tree_rounds=12, tree_gap=7),
     "default": dict(num_negatives=16, beam_size=60, history_len=20,
                     windows=(1, 1, 1, 2, 2, 2, 5, 6), attention_hidden=(16,),
                     mlp_hidden=(64, 32), batch_size=256, epochs=1.0, full_softmax_nodes=64,
-                    max_train_samples=200_000),
+                    max_train_samples=200_000, tree_rounds=3, tree_gap=7),
     "smoke": dict(num_negatives=4, beam_size=20, topk=(5, 10, 20), history_len=6,
                   windows=(1, 2, 3), attention_hidden=(8,), mlp_hidden=(16, 8), batch_size=32,
                   epochs=1.0, full_softmax_nodes=8, synthetic_users=300, synthetic_items=400,
-                  max_train_samples=800, checkpoint_every=10, log_every=5, eval_batch_size=32),
+                  max_train_samples=800, checkpoint_every=10, log_every=5, eval_batch_size=32,
+                  tree_rounds=2, tree_gap=3, tree_users_per_item=5),
 }
 
 
@@ -232,15 +239,22 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def steps_per_round(cfg: Config, num_samples: int) -> tuple[int, int]:
+  """(steps per epoch, training steps per round)."""
+  steps_per_epoch = math.ceil(num_samples / cfg.batch_size)
+  return steps_per_epoch, max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+
 def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir: str, *,
-                corpus_fp: str, mesh: Mesh):
-  """Trains with checkpoints/resume. Returns (params, seconds of training this call, steps)."""
+                corpus_fp: str, mesh: Mesh, crash_after: int = 0):
+  """Trains with checkpoints/resume. Returns (params, seconds of training this call, steps).
+
+  `crash_after` > 0 raises SimulatedCrash after that step (testing resumption)."""
   from tqdm import tqdm
 
   height = tree.height
   samples = training_samples(cfg, ds)
-  steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
-  total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+  steps_per_epoch, total_steps = steps_per_round(cfg, len(samples))
   optimizer = train.make_optimizer(learning_rate=cfg.learning_rate, decay_steps=steps_per_epoch,
                                    decay_rate=cfg.decay_rate)
   step_cfg = train.StepConfig(loss="softmax", sampler=cfg.sampler,
@@ -307,7 +321,7 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
               f"{done_samples / elapsed:.0f} samples/s", flush=True)
     if (step + 1) % cfg.checkpoint_every == 0 or last:
       ckpt.save(step + 1, jax.device_get(state), tree, force=last)
-    if cfg.stop_after_step and step + 1 == cfg.stop_after_step and not last:
+    if crash_after and step + 1 == crash_after and not last:
       ckpt.close()
       raise SimulatedCrash(f"simulated crash after step {step + 1}")
   bar.close()
@@ -404,8 +418,73 @@ def reference_rows(cfg: Config, ds, ev, eta) -> list[dict]:
   return rows
 
 
+def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
+  tmp = path + ".tmp.npy"
+  np.save(tmp, arr)
+  os.replace(tmp, path)
+
+
+def next_tree(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_fn, params,
+              round_index: int) -> tuple[tree_lib.Tree, float]:
+  """One tree update with the model fixed (TDR sec. 6 / JTM / TDM). Returns (tree, seconds)."""
+  t0 = time.perf_counter()
+  if cfg.tree_learning == "tdm":
+    emb = np.asarray(params["embed"]["embedding"][...])
+    new = tree_learning.learn_tree_tdm(np.random.default_rng([cfg.seed, 17, round_index]), emb,
+                                       tree)
+  else:
+    targets = ds.seq_items[ds.train_sample_pos[samples]]
+    pair_item, pair_sample = tree_learning.item_user_pairs(
+        targets, ds.num_items, max_users_per_item=cfg.tree_users_per_item,
+        seed=cfg.seed * 1000 + round_index)
+    hist, _ = train_batch(ds, samples[pair_sample], cfg.history_len)
+    new = tree_learning.learn_tree_tdr(
+        score_fn, params, tree, hist.astype(np.int32), pair_item, gap=cfg.tree_gap,
+        matching="binary" if cfg.tree_learning == "jtm" else "softmax")
+  return new, time.perf_counter() - t0
+
+
+def plot_curves(path: str, rounds: list[dict], forest_curve: list[dict], ks: Sequence[int],
+                title: str) -> None:
+  """PNG: metrics@K0 over tree-learning rounds (TDR Fig. 3 shape) and forest vs last tree."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  k = ks[0]
+  ncols = 2 if forest_curve else 1
+  fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+  ax = axes[0, 0]
+  x = [r["round"] + 1 for r in rounds]
+  for m, name in (("precision", "Precision"), ("recall", "Recall"), ("f_measure", "F-measure")):
+    ax.plot(x, [r[f"{m}@{k}"] for r in rounds], marker="o", label=f"{name}@{k}")
+  ax.set_xlabel("tree (round of joint learning)")
+  ax.set_title(f"{title}: tree learning")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  if forest_curve:
+    ax = axes[0, 1]
+    x = [c["num_trees"] for c in forest_curve]
+    ax.plot(x, [c[f"last_tree_f_measure@{k}"] for c in forest_curve], marker="o",
+            label=f"last tree F@{k}")
+    ax.plot(x, [c[f"forest_f_measure@{k}"] for c in forest_curve], marker="s",
+            label=f"forest F@{k}")
+    ax.set_xlabel("number of trees")
+    ax.set_title("forest vs last tree")
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict:
-  """Runs one experiment; returns the results dict also written to workdir/results.json."""
+  """Runs one experiment; returns the results dict also written to workdir/results.json.
+
+  Joint learning (JTM Algorithm 1): round r trains the model on tree r (continuing from the
+  previous round's parameters), evaluates it, and (except after the last round) learns tree
+  r+1 with the model fixed. Every round's (tree, model) is checkpointed under
+  workdir/round_<r>/ and workdir/trees/; a rerun resumes inside the unfinished round.
+  """
   cfg = config
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -420,25 +499,143 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   tree_lib.validate(tree)
   mesh = make_mesh()
   score_fn, params = build_model(cfg, tree)
-  params, seconds, steps = train_model(cfg, ds, tree, score_fn, params, workdir,
-                                       corpus_fp=corpus_fingerprint(ds), mesh=mesh)
+  corpus_fp = corpus_fingerprint(ds)
+  samples = training_samples(cfg, ds)
+  _, round_steps = steps_per_round(cfg, len(samples))
   ev = evaluation_set(cfg, ds)
   eta = synthetic_eta(world, ds, ev) if world is not None else None
-  t0 = time.perf_counter()
-  retrieved = retrieve(score_fn, params, tree, ev.history, beam_size=cfg.beam_size,
-                       topk=max(cfg.topk), batch_size=cfg.eval_batch_size, mesh=mesh)
-  eval_seconds = time.perf_counter() - t0
+  true_cat = (world.item_category[np.asarray([int(x) for x in ds.item_raw_ids])]
+              if world is not None else None)
+  tree_dir = os.path.join(workdir, "trees")
+  os.makedirs(tree_dir, exist_ok=True)
+  label = method_label(cfg)
+  kmax = max(cfg.topk)
+  rounds, per_tree, models = [], [], []
+  total_train = 0.0
+  for r in range(cfg.tree_rounds):
+    tree_path = os.path.join(tree_dir, f"round_{r}.npy")
+    if r > 0:
+      if os.path.exists(tree_path):
+        tree = tree_lib.from_item_to_leaf(np.load(tree_path), branching=cfg.branching,
+                                          num_items=ds.num_items)
+        tree_seconds = 0.0
+        print(f"round {r}: tree restored from {tree_path}")
+      else:
+        tree, tree_seconds = next_tree(cfg, ds, samples, tree, score_fn, params, r)
+        print(f"round {r}: tree learned ({cfg.tree_learning}, gap {cfg.tree_gap}) in "
+              f"{tree_seconds:.1f}s")
+    else:
+      tree_seconds = 0.0
+    if not os.path.exists(tree_path):
+      _atomic_save_npy(tree_path, np.asarray(tree.item_to_leaf))
+    crash_after = cfg.stop_after_step - r * round_steps if cfg.stop_after_step else 0
+    params, seconds, steps = train_model(cfg, ds, tree, score_fn, params,
+                                         os.path.join(workdir, f"round_{r}"),
+                                         corpus_fp=corpus_fp, mesh=mesh,
+                                         crash_after=crash_after if crash_after > 0 else 0)
+    total_train += seconds + tree_seconds
+    t0 = time.perf_counter()
+    retrieved = retrieve(score_fn, params, tree, ev.history, beam_size=cfg.beam_size,
+                         topk=kmax, batch_size=cfg.eval_batch_size, mesh=mesh)
+    eval_seconds = time.perf_counter() - t0
+    per_tree.append(retrieved)
+    models.append((tree, jax.device_get(params)))  # host copy: the next round donates params
+    row = result_row(f"{label} tree {r + 1}", retrieved, ev, ds, cfg, eta,
+                     train_seconds=seconds, settings={"tree_seconds": tree_seconds,
+                                                      "eval_seconds": eval_seconds,
+                                                      "steps": steps})
+    row["round"] = r
+    if true_cat is not None:
+      row["category_purity"] = tree_learning.category_purity(tree, true_cat)
+    rounds.append(row)
+    k0 = cfg.topk[0]
+    extra = f", purity {row['category_purity']:.3f}" if "category_purity" in row else ""
+    print(f"round {r}: P@{k0} {row[f'precision@{k0}']:.4f} R@{k0} {row[f'recall@{k0}']:.4f} "
+          f"F@{k0} {row[f'f_measure@{k0}']:.4f}{extra}")
+
   settings = {"sampler": cfg.sampler, "num_negatives": cfg.num_negatives,
-              "beam_size": cfg.beam_size, "steps": steps, "tree_height": tree.height,
-              "eval_seconds": eval_seconds, "test_users": int(len(ev.users))}
-  rows = [result_row(method_label(cfg), retrieved, ev, ds, cfg, eta, train_seconds=seconds,
-                     settings=settings)]
+              "beam_size": cfg.beam_size, "tree_rounds": cfg.tree_rounds,
+              "tree_learning": cfg.tree_learning, "tree_gap": cfg.tree_gap,
+              "tree_height": tree.height, "test_users": int(len(ev.users))}
+  final = dict(rounds[-1])
+  final["method"] = label
+  final["train_seconds"] = total_train
+  final["settings"] = dict(final["settings"], **settings)
+  for key in ("round", "category_purity"):
+    final.pop(key, None)
+  rows = [final]
+  forest_curve = []
+  if cfg.forest and len(models) > 1:
+    for r in range(1, len(models) + 1):
+      cand = forest_lib.union_candidates(per_tree[:r])
+      disc_tree, disc_params = models[r - 1]
+      items = rerank_all(score_fn, disc_params, disc_tree, ev.history, cand, topk=kmax,
+                         batch_size=cfg.eval_batch_size, mesh=mesh)
+      frow = result_row(f"{label} forest", items, ev, ds, cfg, eta, train_seconds=total_train,
+                        settings=dict(settings, num_trees=r))
+      point = {"num_trees": r, "candidates_per_user": float(np.mean(np.sum(cand >= 0, 1)))}
+      for key, v in frow.items():
+        if "@" in key:
+          point[f"forest_{key}"] = v
+          point[f"last_tree_{key}"] = rounds[r - 1][key]
+      forest_curve.append(point)
+    rows.append(frow)
   rows += reference_rows(cfg, ds, ev, eta)
+  for row in rows + rounds:  # same keys on every method row
+    row.setdefault("train_seconds", 0.0)
   table = format_table(rows, cfg.topk)
+  round_table = format_table(rounds, cfg.topk)
   print(table)
-  results = {"dataset": cfg.dataset, "results": rows}
+  results = {"dataset": cfg.dataset, "results": rows,
+             "rounds": [dict(r, settings=r["settings"]) for r in rounds],
+             "forest_curve": forest_curve}
+  if true_cat is not None:
+    results["initial_category_purity"] = rounds[0].get("category_purity")
+    results["final_category_purity"] = rounds[-1].get("category_purity")
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
+  md = [f"# {cfg.dataset}: test users {len(ev.users)}", "", table, ""]
+  if len(rounds) > 1:
+    md += ["## Tree learning rounds", "", round_table, ""]
+    if true_cat is not None:
+      md.append("Category purity per round: " + ", ".join(
+          f"{r['category_purity']:.3f}" for r in rounds))
+      md.append("")
+  if forest_curve:
+    md += ["## Forest vs last tree", "", "| trees | candidates/user | " + " | ".join(
+        f"last F@{k} | forest F@{k}" for k in cfg.topk) + " |",
+        "|---|---|" + "---|---|" * len(cfg.topk)]
+    for c in forest_curve:
+      md.append(f"| {c['num_trees']} | {c['candidates_per_user']:.1f} | " + " | ".join(
+          f"{c[f'last_tree_f_measure@{k}']:.4f} | {c[f'forest_f_measure@{k}']:.4f}"
+          for k in cfg.topk) + " |")
+    md.append("")
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# {cfg.dataset}: test users {len(ev.users)}\n\n{table}\n")
+    f.write("\n".join(md))
+  if len(rounds) > 1:
+    plot_curves(os.path.join(workdir, "rounds.png"), rounds, forest_curve, cfg.topk,
+                f"{cfg.dataset} {label}")
+    print("\n" + round_table)
   return results
+
+
+def rerank_all(score_fn, params, tree, history: np.ndarray, candidates: np.ndarray, *,
+               topk: int, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """Forest reranking in fixed-size, data-parallel batches. int32[U, topk]."""
+  ndev = mesh.devices.size
+  batch_size = max(ndev, batch_size - batch_size % ndev)
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  params = jax.device_put(params, replicated)
+  tree_dev = jax.device_put(tree, replicated)
+  out = []
+  for lo in range(0, len(history), batch_size):
+    h, c = history[lo:lo + batch_size], candidates[lo:lo + batch_size]
+    pad = batch_size - len(h)
+    if pad:
+      h = np.concatenate([h, np.full((pad, h.shape[1]), -1, h.dtype)])
+      c = np.concatenate([c, np.full((pad, c.shape[1]), -1, c.dtype)])
+    items, _ = forest_lib.rerank(score_fn, params, tree_dev, jax.device_put(h, data_sharding),
+                                 jax.device_put(c, data_sharding), topk=topk)
+    out.append(np.asarray(items)[:len(h) - pad])
+  return np.concatenate(out)

@@ -19,8 +19,13 @@ def data_dir(tmp_path_factory):
 
 
 def _metric_values(results):
-  row = next(r for r in results["results"] if r["method"].startswith("TDR"))
-  return {k: v for k, v in row.items() if "@" in k}
+  """Every metric of every method row and of every round."""
+  out = {}
+  for r in results["results"] + results["rounds"]:
+    for k, v in r.items():
+      if "@" in k or k == "category_purity":
+        out[f"{r['method']}/{k}"] = v
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,12 @@ def test_results_files_and_rows(uninterrupted):
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   assert on_disk == json.loads(json.dumps(results))
   methods = [r["method"] for r in results["results"]]
-  assert methods[0] == "TDR(T)" and "oracle" in methods and "random" in methods
+  assert methods == ["TDR(T)", "TDR(T) forest", "oracle", "random"]
+  assert os.path.exists(os.path.join(workdir, "rounds.png"))
+  assert [r["round"] for r in results["rounds"]] == [0, 1]
+  assert [c["num_trees"] for c in results["forest_curve"]] == [1, 2]
+  # The single-tree forest is the tree itself reranked by its own model: same items' scores.
+  assert "category_purity" in results["rounds"][1]
   keys = set(results["results"][0])
   assert all(set(r) == keys for r in results["results"]), "every row has the same keys"
   for k in (5, 10, 20):
@@ -53,14 +63,19 @@ def test_results_files_and_rows(uninterrupted):
 def test_crash_and_resume_gives_same_metrics(uninterrupted, data_dir, tmp_path, capsys):
   _, full = uninterrupted
   workdir = str(tmp_path / "resumed")
-  cfg = experiment.make_config("smoke", data_dir=data_dir, stop_after_step=17)
-  with pytest.raises(experiment.SimulatedCrash):
+  # Smoke: 2 rounds of 25 steps, checkpoints every 10 steps. Crash in round 2 (global step
+  # 37 = round-2 step 12): the resumed run must restore round 1's model and tree 2, resume
+  # round 2 from its step-10 checkpoint, and end with the same metrics (forest included).
+  cfg = experiment.make_config("smoke", data_dir=data_dir, stop_after_step=37)
+  with pytest.raises(experiment.SimulatedCrash, match="after step 12"):
     experiment.train_and_evaluate(cfg, workdir)
   capsys.readouterr()
   cfg = experiment.make_config("smoke", data_dir=data_dir)
   resumed = experiment.train_and_evaluate(cfg, workdir)
   out = capsys.readouterr().out
-  assert "Resuming from checkpoint at step 10" in out  # checkpoint_every=10 in smoke
+  assert "Resuming from checkpoint at step 25 of 25" in out  # round 1: finished
+  assert "round 1: tree restored" in out
+  assert "Resuming from checkpoint at step 10 of 25" in out
   want, got = _metric_values(full), _metric_values(resumed)
   assert want.keys() == got.keys()
   for k in want:
