@@ -37,6 +37,12 @@ flags.DEFINE_integer("seed", None, "Seed of data split, tree, init and sampling.
 flags.DEFINE_integer("max_train_samples", None, "Use a seeded subset of the training samples.")
 flags.DEFINE_integer("max_eval_users", None, "Evaluate on the first N test users only.")
 flags.DEFINE_integer("checkpoint_every", None, "Checkpoint period in steps.")
+flags.DEFINE_integer("tree_rounds", None, "Trees learned in turn with the model (JTM Alg. 1); "
+                     "1 = keep the initial category tree.")
+flags.DEFINE_enum("tree_learning", None, ["tdr", "jtm", "tdm"], "Tree update between rounds.")
+flags.DEFINE_integer("tree_gap", None, "Layer gap d of tree learning (paper: 7).")
+flags.DEFINE_integer("tree_users_per_item", None, "Cap on the samples per item in tree learning.")
+flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round's tree+model.")
 flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
                     "An existing workdir with checkpoints is resumed.")
 
@@ -51,7 +57,9 @@ def config_from_flags() -> experiment.Config:
       batch_size=FLAGS.batch_size, history_len=FLAGS.history_len, windows=ints(FLAGS.windows),
       learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
       max_train_samples=FLAGS.max_train_samples, max_eval_users=FLAGS.max_eval_users,
-      checkpoint_every=FLAGS.checkpoint_every)
+      checkpoint_every=FLAGS.checkpoint_every, tree_rounds=FLAGS.tree_rounds,
+      tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
+      tree_users_per_item=FLAGS.tree_users_per_item, forest=FLAGS.forest)
 
 
 def main(argv):
