@@ -43,6 +43,8 @@ flags.DEFINE_enum("tree_learning", None, ["tdr", "jtm", "tdm"], "Tree update bet
 flags.DEFINE_integer("tree_gap", None, "Layer gap d of tree learning (paper: 7).")
 flags.DEFINE_integer("tree_users_per_item", None, "Cap on the samples per item in tree learning.")
 flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round's tree+model.")
+flags.DEFINE_integer("synthetic_users", None, "Users of the synthetic dataset.")
+flags.DEFINE_integer("synthetic_items", None, "Items of the synthetic dataset.")
 flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
                     "An existing workdir with checkpoints is resumed.")
 
@@ -59,7 +61,8 @@ def config_from_flags() -> experiment.Config:
       max_train_samples=FLAGS.max_train_samples, max_eval_users=FLAGS.max_eval_users,
       checkpoint_every=FLAGS.checkpoint_every, tree_rounds=FLAGS.tree_rounds,
       tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
-      tree_users_per_item=FLAGS.tree_users_per_item, forest=FLAGS.forest)
+      tree_users_per_item=FLAGS.tree_users_per_item, forest=FLAGS.forest,
+      synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items)
 
 
 def main(argv):
