@@ -43,6 +43,8 @@ flags.DEFINE_enum("tree_learning", None, ["tdr", "jtm", "tdm"], "Tree update bet
 flags.DEFINE_integer("tree_gap", None, "Layer gap d of tree learning (paper: 7).")
 flags.DEFINE_integer("tree_users_per_item", None, "Cap on the samples per item in tree learning.")
 flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round's tree+model.")
+flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
+                  "estimator trained once per workdir.")
 flags.DEFINE_integer("synthetic_users", None, "Users of the synthetic dataset.")
 flags.DEFINE_integer("synthetic_items", None, "Items of the synthetic dataset.")
 flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
@@ -62,7 +64,8 @@ def config_from_flags() -> experiment.Config:
       checkpoint_every=FLAGS.checkpoint_every, tree_rounds=FLAGS.tree_rounds,
       tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
       tree_users_per_item=FLAGS.tree_users_per_item, forest=FLAGS.forest,
-      synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items)
+      synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
+      rectify=FLAGS.rectify)
 
 
 def main(argv):

@@ -79,6 +79,9 @@ class Config:
   tree_gap: int = 7  # layer gap d
   tree_users_per_item: int = 20  # cap on A_i per item (seeded subsample)
   forest: bool = True  # also retrieve with the forest of every round's (tree, model)
+  rectify: bool = False  # TDR(T-RL): label weights of Eq. 15 from a SASRec estimator
+  sasrec_epochs: float = 1.0
+  sasrec_dim: int = 64
   synthetic_users: int = 8000
   synthetic_items: int = 5000
 
@@ -133,7 +136,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
 
 
 def method_label(cfg: Config) -> str:
-  return {"uniform": "TDR(U)", "top_down": "TDR(T)"}[cfg.sampler]
+  base = {"uniform": "U", "top_down": "T"}[cfg.sampler]
+  return f"TDR({base}-RL)" if cfg.rectify else f"TDR({base})"
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -252,12 +256,15 @@ def steps_per_round(cfg: Config, num_samples: int) -> tuple[int, int]:
 
 
 def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir: str, *,
-                corpus_fp: str, mesh: Mesh, crash_after: int = 0, round_index: int = 0):
+                corpus_fp: str, mesh: Mesh, crash_after: int = 0, round_index: int = 0,
+                weight_fn=None):
   """Trains with checkpoints/resume. Returns (params, seconds of training this call, steps).
 
   Round r continues the data stream where round r-1 stopped (its batches are those of global
   steps r*T .. (r+1)*T-1) and draws keys from fold_in(key(seed), r).
-  `crash_after` > 0 raises SimulatedCrash after that step (testing resumption)."""
+  `crash_after` > 0 raises SimulatedCrash after that step (testing resumption).
+  `weight_fn(history, target, tree) -> float32[B, H]` gives per-level label weights
+  (rectification); None = plain labels (ones)."""
   from tqdm import tqdm
 
   height = tree.height
@@ -312,6 +319,8 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
 
   for step in range(start, total_steps):
     batch = batch_for_step(cfg, ds, samples, data_offset + step, steps_per_epoch, height)
+    if weight_fn is not None:
+      batch = batch._replace(weight=np.asarray(weight_fn(batch.history, batch.target, tree_dev)))
     batch = jax.device_put(batch, data_sharding)
     state, m = jit_step(state, batch, tree_dev, index, base_key)
     pending.append((step, m["loss"]))
@@ -517,6 +526,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
               if world is not None else None)
   tree_dir = os.path.join(workdir, "trees")
   os.makedirs(tree_dir, exist_ok=True)
+  weight_fn, estimator_rows = None, []
+  if cfg.rectify:
+    weight_fn, estimator_rows = rectification_setup(cfg, ds, ev, eta, workdir)
   label = method_label(cfg)
   kmax = max(cfg.topk)
   rounds, per_tree, models = [], [], []
@@ -542,7 +554,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                                          os.path.join(workdir, f"round_{r}"),
                                          corpus_fp=corpus_fp, mesh=mesh,
                                          crash_after=crash_after if crash_after > 0 else 0,
-                                         round_index=r)
+                                         round_index=r, weight_fn=weight_fn)
     total_train += seconds + tree_seconds
     t0 = time.perf_counter()
     retrieved = retrieve(score_fn, params, tree, ev.history, beam_size=cfg.beam_size,
@@ -590,7 +602,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
           point[f"last_tree_{key}"] = rounds[r - 1][key]
       forest_curve.append(point)
     rows.append(frow)
-  rows += reference_rows(cfg, ds, ev, eta)
+  rows += estimator_rows + reference_rows(cfg, ds, ev, eta)
   for row in rows + rounds:  # same keys on every method row
     row.setdefault("train_seconds", 0.0)
   table = format_table(rows, cfg.topk)
@@ -627,6 +639,31 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                 f"{cfg.dataset} {label}")
     print("\n" + round_table)
   return results
+
+
+def rectification_setup(cfg: Config, ds, ev, eta, workdir: str):
+  """Trains (or restores) the SASRec estimator; returns (weight_fn, [its result row])."""
+  from tdr_jax import rectification
+  from tdr_jax.models import sasrec
+
+  est = sasrec.train_sasrec(ds, history_len=cfg.history_len, epochs=cfg.sasrec_epochs,
+                            batch_size=cfg.batch_size, seed=cfg.seed,
+                            max_train_samples=cfg.max_train_samples, workdir=workdir,
+                            dim=cfg.sasrec_dim, checkpoint_every=cfg.checkpoint_every,
+                            log_every=cfg.log_every)
+  kmax = max(cfg.topk)
+  retrieved = np.asarray(est.retrieve(ev.history, topk=kmax, batch_size=cfg.eval_batch_size))
+  row = result_row("SASRec (estimator)", retrieved, ev, ds, cfg, eta,
+                   train_seconds=est.train_seconds,
+                   settings={"dim": cfg.sasrec_dim, "epochs": cfg.sasrec_epochs,
+                             "steps": est.steps})
+  weights = jax.jit(rectification.rectified_weights)
+
+  def weight_fn(history, target, tree):
+    # Only the order of eta matters for Eq. 15, so the logits are passed as they are.
+    return weights(est.logits(history), jnp.asarray(target), tree)
+
+  return weight_fn, [row]
 
 
 def rerank_all(score_fn, params, tree, history: np.ndarray, candidates: np.ndarray, *,

@@ -112,3 +112,27 @@ def test_run_binary_smoke(data_dir, tmp_path):
        "--history_len=5", f"--workdir={workdir}-bad", f"--data_dir={data_dir}"],
       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert bad.returncode != 0 and "windows" in bad.stderr
+
+
+def test_rectified_run(data_dir, tmp_path):
+  """--rectify trains the SASRec estimator, feeds Eq. 15 weights (not all ones) to the loss
+  and reports TDR(T-RL) with the estimator's own row."""
+  cfg = experiment.make_config("smoke", data_dir=data_dir, rectify=True, tree_rounds=1)
+  ds, world = experiment.load_data(cfg)
+  ev = experiment.evaluation_set(cfg, ds)
+  weight_fn, rows = experiment.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"))
+  assert rows[0]["method"] == "SASRec (estimator)"
+  from tdr_jax import tree as tree_lib
+  tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
+  samples = experiment.training_samples(cfg, ds)
+  batch = experiment.batch_for_step(cfg, ds, samples, 0, 10, tree.height)
+  w = np.asarray(weight_fn(batch.history, batch.target, tree))
+  assert w.shape == (cfg.batch_size, tree.height)
+  assert set(np.unique(w)) <= {0.0, 1.0}
+  assert np.all(w[:, -1] == 1.0)  # the leaf level is always the subtree maximum
+  assert 0.0 < w.mean() < 1.0
+  # Monotone: once an item is not its subtree's best at level j, it is not at levels above.
+  assert np.all(np.diff(w, axis=1) >= 0)
+  results = experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
+  methods = [r["method"] for r in results["results"]]
+  assert methods[0] == "TDR(T-RL)" and "SASRec (estimator)" in methods
