@@ -495,33 +495,23 @@ def plot_curves(path: str, rounds: list[dict], forest_curve: list[dict], ks: Seq
   plt.close(fig)
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict:
-  """Runs one experiment; returns the results dict also written to workdir/results.json.
+def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
+  """Joint learning (JTM Algorithm 1) of one TDR variant.
 
-  Joint learning (JTM Algorithm 1): round r trains the model on tree r (continuing from the
-  previous round's parameters), evaluates it, and (except after the last round) learns tree
-  r+1 with the model fixed. Every round's (tree, model) is checkpointed under
-  workdir/round_<r>/ and workdir/trees/; a rerun resumes inside the unfinished round.
+  Round r trains the model on tree r (continuing from the previous round's parameters),
+  evaluates it, and (except after the last round) learns tree r+1 with the model fixed. Every
+  round's (tree, model) is checkpointed under workdir/round_<r>/ and workdir/trees/; a rerun
+  resumes inside the unfinished round. Returns rows (final tree, forest), estimator rows,
+  per-round rows and the forest curve.
   """
-  cfg = config
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1, default=list)
-  if cfg.method != "tdr":
-    raise ValueError(f"--method={cfg.method!r} is not available yet; choose 'tdr'")
-  ds, world = load_data(cfg)
-  print(f"dataset {cfg.dataset}: {ds.num_users} users, {ds.num_items} items, "
-        f"{len(ds.seq_items)} interactions, {len(ds.train_sample_pos)} training samples")
   tree = tree_lib.build_from_categories(np.random.default_rng([cfg.seed, 3]), ds.item_category,
                                         branching=cfg.branching)
   tree_lib.validate(tree)
-  mesh = make_mesh()
   score_fn, params = build_model(cfg, tree)
   corpus_fp = corpus_fingerprint(ds)
   samples = training_samples(cfg, ds)
   _, round_steps = steps_per_round(cfg, len(samples))
-  ev = evaluation_set(cfg, ds)
-  eta = synthetic_eta(world, ds, ev) if world is not None else None
   true_cat = (world.item_category[np.asarray([int(x) for x in ds.item_raw_ids])]
               if world is not None else None)
   tree_dir = os.path.join(workdir, "trees")
@@ -602,42 +592,118 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
           point[f"last_tree_{key}"] = rounds[r - 1][key]
       forest_curve.append(point)
     rows.append(frow)
+  return {"rows": rows, "estimator_rows": estimator_rows, "rounds": rounds,
+          "forest_curve": forest_curve, "true_cat": true_cat, "label": label}
+
+
+# Method names of --method: TDR variants and the baselines of tdr_jax.baselines.
+TDR_VARIANTS = {"tdr": None, "tdr_u": ("uniform", False), "tdr_t": ("top_down", False),
+                "tdr_t_rl": ("top_down", True)}
+ALL_METHODS = ("tdr_u", "tdr_t", "tdr_t_rl", "din", "youtube_dnn", "itemcf")
+
+
+def parse_methods(method: str) -> list[str]:
+  names = [m.strip() for m in method.split(",") if m.strip()]
+  if names == ["all"]:
+    names = list(ALL_METHODS)
+  from tdr_jax import baselines
+  known = set(TDR_VARIANTS) | set(baselines.BASELINES)
+  bad = [m for m in names if m not in known]
+  if bad or not names:
+    raise ValueError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'"
+                     f" (tdm, jtm, otm, plt and dr are not implemented yet)")
+  return names
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+  """Runs every method of `config.method` on one dataset; writes and returns the results.
+
+  `config.method` is one name or a comma-separated list (or `all`): `tdr` (the variant given
+  by `sampler`/`rectify`), `tdr_u`, `tdr_t`, `tdr_t_rl`, and the baselines of
+  `tdr_jax.baselines`. With one method its outputs go to `workdir` itself, else to
+  `workdir/<method>/`; the combined table goes to workdir/results.{json,md}.
+  """
+  cfg = config
+  methods = parse_methods(cfg.method)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=1, default=list)
+  ds, world = load_data(cfg)
+  print(f"dataset {cfg.dataset}: {ds.num_users} users, {ds.num_items} items, "
+        f"{len(ds.seq_items)} interactions, {len(ds.train_sample_pos)} training samples")
+  mesh = make_mesh()
+  ev = evaluation_set(cfg, ds)
+  eta = synthetic_eta(world, ds, ev) if world is not None else None
+  rows, estimator_rows, per_method = [], [], {}
+  for name in methods:
+    wd = workdir if len(methods) == 1 else os.path.join(workdir, name)
+    if name in TDR_VARIANTS:
+      mcfg = cfg
+      if TDR_VARIANTS[name] is not None:
+        sampler, rectify = TDR_VARIANTS[name]
+        mcfg = dataclasses.replace(cfg, sampler=sampler, rectify=rectify)
+      out = _run_tdr(mcfg, wd, ds, world, ev, eta, mesh)
+      rows += out["rows"]
+      if not estimator_rows:
+        estimator_rows = out["estimator_rows"]
+      per_method[out["label"]] = out
+    else:
+      from tdr_jax import baselines
+      options = {}
+      if name == "din":  # the same scorer as TDR's, trained on items
+        options = dict(windows=cfg.windows, embed_dim=cfg.embed_dim,
+                       attention_hidden=cfg.attention_hidden, mlp_hidden=cfg.mlp_hidden,
+                       num_negatives=max(cfg.num_negatives, 1))
+      retrieved, seconds, settings = baselines.run_baseline(
+          name, ds, ev, topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len,
+          epochs=cfg.epochs, batch_size=cfg.batch_size,
+          max_train_samples=cfg.max_train_samples, workdir=wd, **options)
+      rows.append(result_row(baselines.LABELS[name], retrieved, ev, ds, cfg, eta,
+                             train_seconds=seconds, settings=settings))
+      print(format_table(rows[-1:], cfg.topk))
   rows += estimator_rows + reference_rows(cfg, ds, ev, eta)
-  for row in rows + rounds:  # same keys on every method row
-    row.setdefault("train_seconds", 0.0)
+  for out in per_method.values():
+    for row in out["rounds"]:
+      row.setdefault("train_seconds", 0.0)
   table = format_table(rows, cfg.topk)
-  round_table = format_table(rounds, cfg.topk)
   print(table)
-  results = {"dataset": cfg.dataset, "results": rows,
-             "rounds": [dict(r, settings=r["settings"]) for r in rounds],
-             "forest_curve": forest_curve}
-  if true_cat is not None:
-    results["initial_category_purity"] = rounds[0].get("category_purity")
-    results["final_category_purity"] = rounds[-1].get("category_purity")
+  results = {"dataset": cfg.dataset, "results": rows}
+  md = [f"# {cfg.dataset}: test users {len(ev.users)}", "", table, ""]
+  for label, out in per_method.items():
+    rounds, forest_curve, true_cat = out["rounds"], out["forest_curve"], out["true_cat"]
+    key = "" if len(per_method) == 1 else f"{label} "
+    if len(per_method) == 1:
+      results["rounds"] = rounds
+      results["forest_curve"] = forest_curve
+    else:
+      results.setdefault("per_method", {})[label] = {"rounds": rounds,
+                                                    "forest_curve": forest_curve}
+    if true_cat is not None:
+      results[f"{key}initial_category_purity".strip()] = rounds[0].get("category_purity")
+      results[f"{key}final_category_purity".strip()] = rounds[-1].get("category_purity")
+    if len(rounds) > 1:
+      round_table = format_table(rounds, cfg.topk)
+      md += [f"## {label}: tree learning rounds", "", round_table, ""]
+      print("\n" + round_table)
+      if true_cat is not None:
+        md += ["Category purity per round: " + ", ".join(
+            f"{r['category_purity']:.3f}" for r in rounds), ""]
+      plot_name = "rounds.png" if len(per_method) == 1 else f"rounds-{label}.png"
+      plot_curves(os.path.join(workdir, plot_name), rounds, forest_curve, cfg.topk,
+                  f"{cfg.dataset} {label}")
+    if forest_curve:
+      md += [f"## {label}: forest vs last tree", "", "| trees | candidates/user | " + " | ".join(
+          f"last F@{k} | forest F@{k}" for k in cfg.topk) + " |",
+          "|---|---|" + "---|---|" * len(cfg.topk)]
+      for c in forest_curve:
+        md.append(f"| {c['num_trees']} | {c['candidates_per_user']:.1f} | " + " | ".join(
+            f"{c[f'last_tree_f_measure@{k}']:.4f} | {c[f'forest_f_measure@{k}']:.4f}"
+            for k in cfg.topk) + " |")
+      md.append("")
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
-  md = [f"# {cfg.dataset}: test users {len(ev.users)}", "", table, ""]
-  if len(rounds) > 1:
-    md += ["## Tree learning rounds", "", round_table, ""]
-    if true_cat is not None:
-      md.append("Category purity per round: " + ", ".join(
-          f"{r['category_purity']:.3f}" for r in rounds))
-      md.append("")
-  if forest_curve:
-    md += ["## Forest vs last tree", "", "| trees | candidates/user | " + " | ".join(
-        f"last F@{k} | forest F@{k}" for k in cfg.topk) + " |",
-        "|---|---|" + "---|---|" * len(cfg.topk)]
-    for c in forest_curve:
-      md.append(f"| {c['num_trees']} | {c['candidates_per_user']:.1f} | " + " | ".join(
-          f"{c[f'last_tree_f_measure@{k}']:.4f} | {c[f'forest_f_measure@{k}']:.4f}"
-          for k in cfg.topk) + " |")
-    md.append("")
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("\n".join(md))
-  if len(rounds) > 1:
-    plot_curves(os.path.join(workdir, "rounds.png"), rounds, forest_curve, cfg.topk,
-                f"{cfg.dataset} {label}")
-    print("\n" + round_table)
   return results
 
 
