@@ -80,6 +80,8 @@ class Config:
   tree_users_per_item: int = 20  # cap on A_i per item (seeded subsample)
   forest: bool = True  # also retrieve with the forest of every round's (tree, model)
   rectify: bool = False  # TDR(T-RL): label weights of Eq. 15 from a SASRec estimator
+  loss: str = "softmax"  # "softmax" (TDR) or "bce" (TDM/JTM binary loss, uniform negatives)
+  binary_negatives: int = 6  # negatives per level of TDM/JTM (paper sec. 8.4: 3-6)
   sasrec_epochs: float = 1.0
   sasrec_dim: int = 64
   synthetic_users: int = 8000
@@ -128,6 +130,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
                      f"{cfg.history_len}; pass --windows that sum to --history_len")
   if cfg.tree_rounds < 1:
     raise ValueError(f"--tree_rounds={cfg.tree_rounds} must be at least 1")
+  if cfg.loss not in ("softmax", "bce"):
+    raise ValueError(f"loss={cfg.loss!r}: choose softmax or bce")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm"):
     raise ValueError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm or tdm")
   if cfg.beam_size < max(cfg.topk):
@@ -136,6 +140,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
 
 
 def method_label(cfg: Config) -> str:
+  if cfg.loss == "bce":
+    return {"tdm": "TDM", "jtm": "JTM"}.get(cfg.tree_learning, "binary")
   base = {"uniform": "U", "top_down": "T"}[cfg.sampler]
   return f"TDR({base}-RL)" if cfg.rectify else f"TDR({base})"
 
@@ -272,8 +278,9 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
   steps_per_epoch, total_steps = steps_per_round(cfg, len(samples))
   optimizer = train.make_optimizer(learning_rate=cfg.learning_rate, decay_steps=steps_per_epoch,
                                    decay_rate=cfg.decay_rate)
-  step_cfg = train.StepConfig(loss="softmax", sampler=cfg.sampler,
-                              num_negatives=cfg.num_negatives,
+  binary = cfg.loss == "bce"
+  step_cfg = train.StepConfig(loss=cfg.loss, sampler="uniform" if binary else cfg.sampler,
+                              num_negatives=cfg.binary_negatives if binary else cfg.num_negatives,
                               full_softmax_nodes=cfg.full_softmax_nodes)
   step_fn = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
                                   height=height)
@@ -597,9 +604,14 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
 
 
 # Method names of --method: TDR variants and the baselines of tdr_jax.baselines.
-TDR_VARIANTS = {"tdr": None, "tdr_u": ("uniform", False), "tdr_t": ("top_down", False),
-                "tdr_t_rl": ("top_down", True)}
-ALL_METHODS = ("tdr_u", "tdr_t", "tdr_t_rl", "din", "youtube_dnn", "itemcf")
+TDR_VARIANTS = {"tdr": {}, "tdr_u": dict(sampler="uniform", rectify=False),
+                "tdr_t": dict(sampler="top_down", rectify=False),
+                "tdr_t_rl": dict(sampler="top_down", rectify=True),
+                # TDM/JTM: binary loss (Eq. 2) with uniform negatives per level, on the same
+                # scorer, tree learning by k-means (TDM) or by the binary log-likelihood (JTM).
+                "tdm": dict(loss="bce", sampler="uniform", rectify=False, tree_learning="tdm"),
+                "jtm": dict(loss="bce", sampler="uniform", rectify=False, tree_learning="jtm")}
+ALL_METHODS = ("tdm", "jtm", "tdr_u", "tdr_t", "tdr_t_rl", "din", "youtube_dnn", "itemcf")
 
 
 def parse_methods(method: str) -> list[str]:
@@ -611,7 +623,7 @@ def parse_methods(method: str) -> list[str]:
   bad = [m for m in names if m not in known]
   if bad or not names:
     raise ValueError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'"
-                     f" (tdm, jtm, otm, plt and dr are not implemented yet)")
+                     f" (otm, plt and dr are not implemented yet)")
   return names
 
 
@@ -638,10 +650,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   for name in methods:
     wd = workdir if len(methods) == 1 else os.path.join(workdir, name)
     if name in TDR_VARIANTS:
-      mcfg = cfg
-      if TDR_VARIANTS[name] is not None:
-        sampler, rectify = TDR_VARIANTS[name]
-        mcfg = dataclasses.replace(cfg, sampler=sampler, rectify=rectify)
+      mcfg = dataclasses.replace(cfg, **TDR_VARIANTS[name])
       out = _run_tdr(mcfg, wd, ds, world, ev, eta, mesh)
       rows += out["rows"]
       if not estimator_rows:

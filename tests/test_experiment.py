@@ -139,13 +139,14 @@ def test_rectified_run(data_dir, tmp_path):
 
 
 def test_method_list_one_table(data_dir, tmp_path):
-  cfg = experiment.make_config("smoke", data_dir=data_dir, method="tdr_u,itemcf", tree_rounds=1)
+  cfg = experiment.make_config("smoke", data_dir=data_dir, method="tdr_u,jtm,itemcf",
+                               tree_rounds=1)
   results = experiment.train_and_evaluate(cfg, str(tmp_path))
   methods = [r["method"] for r in results["results"]]
-  assert methods == ["TDR(U)", "Item-CF", "oracle", "random"]
+  assert methods == ["TDR(U)", "JTM", "Item-CF", "oracle", "random"]
   keys = set(results["results"][0])
   assert all(set(r) == keys for r in results["results"])
   assert os.path.isdir(tmp_path / "tdr_u")  # per-method workdirs in a multi-method run
   with pytest.raises(ValueError, match="not implemented yet"):
     experiment.train_and_evaluate(
-        experiment.make_config("smoke", data_dir=data_dir, method="tdm"), str(tmp_path / "x"))
+        experiment.make_config("smoke", data_dir=data_dir, method="otm"), str(tmp_path / "x"))
