@@ -357,26 +357,35 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
 
 # ---- evaluation ----------------------------------------------------------------------------
 
-def retrieve(score_fn, params, tree, history: np.ndarray, *, beam_size: int, topk: int,
-             batch_size: int, mesh: Mesh) -> np.ndarray:
-  """Beam search for all users in fixed-size batches (one compilation). int32[U, topk]."""
-  n = len(history)
+def map_user_batches(fn, arrays: Sequence[np.ndarray], *, batch_size: int, mesh: Mesh
+                     ) -> np.ndarray:
+  """Applies `fn(*batch_arrays)` to fixed-size user batches (the last padded with -1), each
+  sharded over the mesh's data axis, so one compilation serves all; concatenates the results.
+  """
+  n = len(arrays[0])
   ndev = mesh.devices.size
   batch_size = max(ndev, batch_size - batch_size % ndev)
   data_sharding = NamedSharding(mesh, P("data"))
+  out = []
+  for lo in range(0, n, batch_size):
+    chunk = [a[lo:lo + batch_size] for a in arrays]
+    pad = batch_size - len(chunk[0])
+    if pad:
+      chunk = [np.concatenate([a, np.full((pad,) + a.shape[1:], -1, a.dtype)]) for a in chunk]
+    result = fn(*[jax.device_put(a, data_sharding) for a in chunk])
+    out.append(np.asarray(result)[:batch_size - pad])
+  return np.concatenate(out)
+
+
+def retrieve(score_fn, params, tree, history: np.ndarray, *, beam_size: int, topk: int,
+             batch_size: int, mesh: Mesh) -> np.ndarray:
+  """Beam search for all users in fixed-size batches (one compilation). int32[U, topk]."""
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(params, replicated)
   tree_dev = jax.device_put(tree, replicated)
-  out = []
-  for lo in range(0, n, batch_size):
-    h = history[lo:lo + batch_size]
-    pad = batch_size - len(h)
-    if pad:
-      h = np.concatenate([h, np.full((pad, h.shape[1]), -1, h.dtype)])
-    items, _ = bs.beam_search(score_fn, params, tree_dev, jax.device_put(h, data_sharding),
-                              beam_size=beam_size, topk=topk)
-    out.append(np.asarray(items)[:len(h) - pad])
-  return np.concatenate(out)
+  return map_user_batches(
+      lambda h: bs.beam_search(score_fn, params, tree_dev, h, beam_size=beam_size,
+                               topk=topk)[0], [history], batch_size=batch_size, mesh=mesh)
 
 
 def result_row(method: str, retrieved: np.ndarray, ev, ds, cfg: Config, eta, *,
@@ -744,20 +753,9 @@ def rectification_setup(cfg: Config, ds, ev, eta, workdir: str):
 def rerank_all(score_fn, params, tree, history: np.ndarray, candidates: np.ndarray, *,
                topk: int, batch_size: int, mesh: Mesh) -> np.ndarray:
   """Forest reranking in fixed-size, data-parallel batches. int32[U, topk]."""
-  ndev = mesh.devices.size
-  batch_size = max(ndev, batch_size - batch_size % ndev)
-  data_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(params, replicated)
   tree_dev = jax.device_put(tree, replicated)
-  out = []
-  for lo in range(0, len(history), batch_size):
-    h, c = history[lo:lo + batch_size], candidates[lo:lo + batch_size]
-    pad = batch_size - len(h)
-    if pad:
-      h = np.concatenate([h, np.full((pad, h.shape[1]), -1, h.dtype)])
-      c = np.concatenate([c, np.full((pad, c.shape[1]), -1, c.dtype)])
-    items, _ = forest_lib.rerank(score_fn, params, tree_dev, jax.device_put(h, data_sharding),
-                                 jax.device_put(c, data_sharding), topk=topk)
-    out.append(np.asarray(items)[:len(h) - pad])
-  return np.concatenate(out)
+  return map_user_batches(
+      lambda h, c: forest_lib.rerank(score_fn, params, tree_dev, h, c, topk=topk)[0],
+      [history, candidates], batch_size=batch_size, mesh=mesh)

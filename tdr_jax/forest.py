@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdr_jax import tree as tree_lib
+from tdr_jax.metrics import repeated_in_row
 from tdr_jax.sampling import ScoreFn
 
 
@@ -26,13 +27,7 @@ def union_candidates(per_tree: list[np.ndarray]) -> np.ndarray:
     int32[U, sum k_r]: each user's distinct items (first occurrence kept), -1 elsewhere.
   """
   cand = np.concatenate([np.asarray(p) for p in per_tree], axis=1).astype(np.int32)
-  order = np.argsort(cand, axis=1, kind="stable")
-  sorted_c = np.take_along_axis(cand, order, axis=1)
-  dup_sorted = np.zeros_like(sorted_c, dtype=bool)
-  dup_sorted[:, 1:] = sorted_c[:, 1:] == sorted_c[:, :-1]
-  dup = np.zeros_like(dup_sorted)
-  np.put_along_axis(dup, order, dup_sorted, axis=1)
-  return np.where(dup, -1, cand)
+  return np.where(repeated_in_row(cand), -1, cand)
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "topk"))

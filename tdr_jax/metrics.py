@@ -37,14 +37,18 @@ def _hit_matrix(retrieved: np.ndarray, label_offsets: np.ndarray, label_items: n
   pos = np.searchsorted(label_keys, keys)
   pos = np.minimum(pos, max(len(label_keys) - 1, 0))
   hit = valid & (label_keys[pos] == keys) if len(label_keys) else np.zeros_like(valid)
-  # Repeated items in one row: keep only the first occurrence.
-  order = np.argsort(keys, axis=1, kind="stable")
-  sorted_keys = np.take_along_axis(keys, order, axis=1)
-  dup_sorted = np.zeros_like(sorted_keys, dtype=bool)
-  dup_sorted[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
+  return hit & ~repeated_in_row(keys), num_distinct
+
+
+def repeated_in_row(x: np.ndarray) -> np.ndarray:
+  """bool[U, K]: True where x[u, r] already appeared earlier in row u (first occurrence kept)."""
+  order = np.argsort(x, axis=1, kind="stable")
+  sorted_x = np.take_along_axis(x, order, axis=1)
+  dup_sorted = np.zeros_like(sorted_x, dtype=bool)
+  dup_sorted[:, 1:] = sorted_x[:, 1:] == sorted_x[:, :-1]
   dup = np.zeros_like(dup_sorted)
   np.put_along_axis(dup, order, dup_sorted, axis=1)
-  return hit & ~dup, num_distinct
+  return dup
 
 
 def per_user_metrics(retrieved: np.ndarray, label_offsets: np.ndarray, label_items: np.ndarray,
