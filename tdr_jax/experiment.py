@@ -31,7 +31,8 @@ from tdr_jax import forest as forest_lib
 from tdr_jax import sampling, train, tree_learning
 from tdr_jax import tree as tree_lib
 from tdr_jax.data import datasets, synthetic
-from tdr_jax.data.preprocess import eval_split, train_batch
+from tdr_jax.data.preprocess import corpus_fingerprint, eval_split, train_batch
+from tdr_jax.data.preprocess import training_samples as _training_samples
 from tdr_jax.models import din as din_lib
 
 log = logging.getLogger("tdr_jax")
@@ -162,21 +163,9 @@ def load_data(cfg: Config):
   return ds, None
 
 
-def corpus_fingerprint(ds) -> str:
-  h = hashlib.sha256()
-  h.update(np.asarray([ds.num_users, ds.num_items], np.int64).tobytes())
-  h.update(np.ascontiguousarray(ds.seq_items).tobytes())
-  h.update(np.ascontiguousarray(ds.user_split).tobytes())
-  return h.hexdigest()[:16]
-
-
 def training_samples(cfg: Config, ds) -> np.ndarray:
   """Indices of the training samples used (all, or a seeded subset)."""
-  n = len(ds.train_sample_pos)
-  if cfg.max_train_samples and cfg.max_train_samples < n:
-    rng = np.random.default_rng([cfg.seed, 7])
-    return np.sort(rng.choice(n, cfg.max_train_samples, replace=False))
-  return np.arange(n)
+  return _training_samples(ds, max_train_samples=cfg.max_train_samples, seed=cfg.seed)
 
 
 def batch_for_step(cfg: Config, ds, samples: np.ndarray, step: int, steps_per_epoch: int,

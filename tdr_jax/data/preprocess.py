@@ -422,3 +422,25 @@ def preprocess_settings(**settings: Any) -> dict:
     out["min_user_interactions"] = int(out["min_user_interactions"])
     out["seed"] = int(out["seed"])
     return out
+
+
+def training_samples(ds: Dataset, *, max_train_samples: int = 0, seed: int = 0) -> np.ndarray:
+    """Indices of the training samples a run uses: all, or a seeded subset of the given size
+    (sorted). Every trained method of a run calls this, so they all see the same samples."""
+    n = len(ds.train_sample_pos)
+    if max_train_samples and max_train_samples < n:
+        rng = np.random.default_rng([seed, 7])
+        return np.sort(rng.choice(n, max_train_samples, replace=False))
+    return np.arange(n)
+
+
+def corpus_fingerprint(ds: Dataset) -> str:
+    """Short hash of the corpus (sizes, sequences, split): checkpoints record it and refuse to
+    resume on another corpus."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.asarray([ds.num_users, ds.num_items], np.int64).tobytes())
+    h.update(np.ascontiguousarray(ds.seq_items).tobytes())
+    h.update(np.ascontiguousarray(ds.user_split).tobytes())
+    return h.hexdigest()[:16]

@@ -55,7 +55,7 @@ import optax
 from flax import nnx
 
 from tdr_jax import losses
-from tdr_jax.data.preprocess import train_batch
+from tdr_jax.data.preprocess import corpus_fingerprint, train_batch, training_samples
 
 __all__ = [
     "SASRec",
@@ -290,23 +290,6 @@ def _make_step(graphdef: nnx.GraphDef, lr: float, sampled: bool, num_negatives: 
     return optimizer, jax.jit(step, donate_argnums=0)
 
 
-def _training_samples(ds, max_train_samples: int, seed: int) -> np.ndarray:
-    """All training samples, or the same seeded subset as ``experiment.training_samples``."""
-    n = len(ds.train_sample_pos)
-    if max_train_samples and max_train_samples < n:
-        rng = np.random.default_rng([seed, 7])
-        return np.sort(rng.choice(n, max_train_samples, replace=False))
-    return np.arange(n)
-
-
-def _corpus_fingerprint(ds) -> str:
-    h = hashlib.sha256()
-    h.update(np.asarray([ds.num_users, ds.num_items], np.int64).tobytes())
-    h.update(np.ascontiguousarray(ds.seq_items).tobytes())
-    h.update(np.ascontiguousarray(ds.user_split).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _batch(ds, samples, step: int, steps_per_epoch: int, batch_size: int, history_len: int,
            seed: int):
     """Batch of a global step: a seeded permutation per epoch; the last batch padded+masked."""
@@ -357,7 +340,7 @@ def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: fl
             f"sampled=True (sampled softmax with uniform negatives) or a smaller batch")
     if epochs <= 0 or batch_size < 1 or history_len < 1:
         raise ValueError("epochs, batch_size and history_len must be positive")
-    samples = _training_samples(ds, max_train_samples, seed)
+    samples = training_samples(ds, max_train_samples=max_train_samples, seed=seed)
     if len(samples) == 0:
         raise ValueError("the dataset has no training samples")
     steps_per_epoch = math.ceil(len(samples) / batch_size)
@@ -376,7 +359,7 @@ def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: fl
                 "num_heads": num_heads, "dropout": dropout, "sampled": bool(sampled),
                 "num_negatives": num_negatives if sampled else 0}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    corpus_fp = _corpus_fingerprint(ds)
+    corpus_fp = corpus_fingerprint(ds)
 
     manager = None
     start = 0
