@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -129,6 +130,6 @@ def test_materialize_writes_generic_csv(tmp_path):
   assert header == "user,item,timestamp,category"
   item = int(first[1])
   assert int(first[3]) == world.observed_category[item]
-  mtime = __import__("os").path.getmtime(f"{folder}/interactions.csv")
+  mtime = os.path.getmtime(f"{folder}/interactions.csv")
   synthetic.materialize(str(tmp_path), cfg)  # cached: not rewritten
-  assert __import__("os").path.getmtime(f"{folder}/interactions.csv") == mtime
+  assert os.path.getmtime(f"{folder}/interactions.csv") == mtime
