@@ -5,11 +5,16 @@ Both take a scorer `score_fn(params, tree, history, nodes, level=None) -> float[
 over users, jit-compatible, with static shapes: `beam_size`, `topk` and the tree's height and
 branching are static; the tree's arrays are traced, so a new tree of the same shape reuses the
 compiled search.
+
+`beam_trace` is the search itself and returns every level's candidate set (OTM trains on them);
+`beam_search(..., path_scores=True)` ranks nodes by the sum of log-sigmoid of the scorer's outputs
+along the path from the root (PLT retrieval).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +42,114 @@ def _leaf_items(tree: tree_lib.Tree, nodes: jax.Array, scores: jax.Array, topk: 
   return items, top_scores
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "beam_size", "topk"))
+class BeamTrace(NamedTuple):
+  """Every candidate set a beam search scored, level by level (s = `start_level(...)`).
+
+  Attributes:
+    first_nodes: int32[U, B^s] all nodes of level s (scored whole).
+    first_scores: float32[U, B^s] their scores, -inf for invalid nodes.
+    nodes: int32[H-s, U, k*B] row i: the children of the level-(s+i) beam, i.e. the nodes scored
+      at level s+1+i; -1 where masked (child of a dead beam slot, or an empty subtree).
+    scores: float32[H-s, U, k*B] their scores, -inf where masked.
+    beam: int32[U, min(k, B^H)] the final (leaf-level) beam, best first.
+    beam_scores: float32[U, min(k, B^H)] its scores (-inf for dead slots).
+  """
+  first_nodes: jax.Array
+  first_scores: jax.Array
+  nodes: jax.Array
+  scores: jax.Array
+  beam: jax.Array
+  beam_scores: jax.Array
+
+
+def _first_level(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Array, s: int, *,
+                 path_scores: bool) -> tuple[jax.Array, jax.Array]:
+  """All nodes of level s and their scores [U, B^s] (-inf for invalid nodes).
+
+  With `path_scores`, a node's score is the sum of log-sigmoid of the scorer's outputs over its
+  ancestors at levels 1..s and itself, so levels 1..s are all scored (one call per level)."""
+  num_users = history.shape[0]
+  b = tree.branching
+  node_valid = jnp.asarray(tree.node_valid)
+
+  def level_nodes(j):
+    first = (b ** j - 1) // (b - 1)  # global id of level j's first node
+    return jnp.broadcast_to(jnp.arange(first, first + b ** j, dtype=jnp.int32),
+                            (num_users, b ** j))
+
+  if not path_scores:
+    nodes = level_nodes(s)
+    scores = score_fn(params, tree, history, nodes, level=s).astype(jnp.float32)
+    return nodes, jnp.where(node_valid[nodes], scores, -jnp.inf)
+  acc = jnp.zeros((num_users, 1), jnp.float32)  # the root's log-probability
+  nodes = level_nodes(0)
+  for j in range(1, s + 1):
+    nodes = level_nodes(j)
+    sc = jax.nn.log_sigmoid(score_fn(params, tree, history, nodes, level=j).astype(jnp.float32))
+    # [U, B^(j-1)] -> [U, B^j]: heap layout puts node p's children at level positions p*B..p*B+B-1.
+    acc = jnp.where(node_valid[nodes], jnp.repeat(acc, b, axis=1) + sc, -jnp.inf)
+  return nodes, acc
+
+
+def beam_trace(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Array, *,
+               beam_size: int, path_scores: bool = False) -> BeamTrace:
+  """Runs the layer-wise beam search and returns every level's candidate set (not jitted).
+
+  The first level s with more than `beam_size` nodes is scored whole and its best `beam_size`
+  valid nodes kept; then, level by level (one `lax.scan` step each), the children of the beam are
+  scored and the best `beam_size` valid ones kept. A node's score is the scorer's output, or with
+  `path_scores` the sum of log-sigmoid of the outputs along its path from the root (the log of
+  the product of conditional probabilities of a probabilistic label tree).
+
+  Args:
+    score_fn: scorer `score_fn(params, tree, history, nodes, level=None) -> float[U, M]`.
+    params: scorer parameters (wrap in `jax.lax.stop_gradient` for a search without gradient).
+    tree: the tree index.
+    history: int32[U, L] user histories.
+    beam_size: k (static).
+    path_scores: rank by path log-probabilities instead of node scores (static).
+  Returns:
+    BeamTrace of the search.
+  """
+  num_users = history.shape[0]
+  b, height = tree.branching, tree.height
+  node_valid = jnp.asarray(tree.node_valid)
+  children = jnp.asarray(tree.children)
+  s = start_level(branching=b, height=height, beam_size=beam_size)
+  first_nodes, first_scores = _first_level(score_fn, params, tree, history, s,
+                                           path_scores=path_scores)
+  k0 = min(beam_size, b ** s)
+  beam_scores, idx = jax.lax.top_k(first_scores, k0)
+  beam = jnp.take_along_axis(first_nodes, idx, axis=1)
+  if s == height:
+    empty_nodes = jnp.zeros((0, num_users, beam_size * b), jnp.int32)
+    return BeamTrace(first_nodes, first_scores, empty_nodes,
+                     jnp.zeros(empty_nodes.shape, jnp.float32), beam, beam_scores)
+
+  def expand(carry, level):
+    beam, beam_scores = carry  # [U, k] nodes of level - 1 (real ids; dead slots score -inf)
+    alive = jnp.isfinite(beam_scores)
+    # [U, k, B] -> [U, k*B]: the children of every beam node, as one candidate row per user.
+    kids = children[beam].reshape(num_users, beam_size * b)
+    ok = jnp.repeat(alive, b, axis=1) & node_valid[kids]
+    sc = score_fn(params, tree, history, kids, level=level).astype(jnp.float32)
+    if path_scores:
+      sc = jax.nn.log_sigmoid(sc) + jnp.repeat(beam_scores, b, axis=1)
+    sc = jnp.where(ok, sc, -jnp.inf)
+    new_scores, idx = jax.lax.top_k(sc, beam_size)
+    new_beam = jnp.take_along_axis(kids, idx, axis=1)
+    return (new_beam, new_scores), (jnp.where(ok, kids, -1), sc)
+
+  (beam, beam_scores), (nodes, scores) = jax.lax.scan(
+      expand, (beam, beam_scores), jnp.arange(s + 1, height + 1, dtype=jnp.int32))
+  return BeamTrace(first_nodes, first_scores, nodes, scores, beam, beam_scores)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "beam_size", "topk", "path_scores"))
 def beam_search(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Array, *,
-                beam_size: int, topk: int) -> tuple[jax.Array, jax.Array]:
-  """Retrieves the top-K items per user by beam search.
+                beam_size: int, topk: int, path_scores: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """Retrieves the top-K items per user by beam search (see `beam_trace`).
 
   The first level with more than `beam_size` nodes is scored whole and its best `beam_size`
   valid nodes kept; then, level by level (one `lax.scan` step each), the children of the beam
@@ -54,43 +163,18 @@ def beam_search(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Arr
     history: int32[U, L] user histories.
     beam_size: k.
     topk: K <= k.
+    path_scores: rank nodes by the sum of log-sigmoid of the scorer's outputs along the path
+      from the root (PLT retrieval: log of the product of conditional probabilities) instead of
+      by their own score (static).
   Returns:
     items: int32[U, K] retrieved item ids, best first (-1 if fewer than K items exist).
-    scores: float32[U, K] their leaf scores.
+    scores: float32[U, K] their leaf scores (path log-probabilities with `path_scores`).
   """
   if topk > beam_size:
     raise ValueError(f"topk={topk} must not exceed beam_size={beam_size}")
-  num_users = history.shape[0]
-  b, height = tree.branching, tree.height
-  level_offsets = jnp.asarray(tree.level_offsets)
-  node_valid = jnp.asarray(tree.node_valid)
-  children = jnp.asarray(tree.children)
-  s = start_level(branching=b, height=height, beam_size=beam_size)
-  width = b ** s
-  level_nodes = jnp.broadcast_to(level_offsets[s] + jnp.arange(width, dtype=jnp.int32),
-                                 (num_users, width))
-  scores = score_fn(params, tree, history, level_nodes, level=s).astype(jnp.float32)
-  scores = jnp.where(node_valid[level_nodes], scores, -jnp.inf)
-  k0 = min(beam_size, width)
-  beam_scores, idx = jax.lax.top_k(scores, k0)
-  beam = jnp.take_along_axis(level_nodes, idx, axis=1)
-  if s == height:
-    return _leaf_items(tree, beam, beam_scores, topk)
-
-  def expand(carry, level):
-    beam, beam_scores = carry  # [U, k] nodes of level - 1
-    alive = jnp.isfinite(beam_scores)
-    # [U, k, B] -> [U, k*B]: the children of every beam node, as one candidate row per user.
-    kids = children[beam].reshape(num_users, beam_size * b)
-    ok = jnp.repeat(alive, b, axis=1) & node_valid[kids]
-    sc = score_fn(params, tree, history, kids, level=level).astype(jnp.float32)
-    sc = jnp.where(ok, sc, -jnp.inf)
-    new_scores, idx = jax.lax.top_k(sc, beam_size)
-    return (jnp.take_along_axis(kids, idx, axis=1), new_scores), None
-
-  (beam, beam_scores), _ = jax.lax.scan(expand, (beam, beam_scores),
-                                       jnp.arange(s + 1, height + 1, dtype=jnp.int32))
-  return _leaf_items(tree, beam, beam_scores, topk)
+  trace = beam_trace(score_fn, params, tree, history, beam_size=beam_size,
+                     path_scores=path_scores)
+  return _leaf_items(tree, trace.beam, trace.beam_scores, topk)
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "topk", "chunk_size"))
