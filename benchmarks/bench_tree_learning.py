@@ -9,7 +9,7 @@ parameters:
   the figure shows the cost of everything around the scorer (batching, log-softmax,
   accumulation, transfers, the greedy assignment on the host).
 
-Each size runs `learn_tree_tdr` twice: the first run includes compilation, the second is the
+Each size runs `learn_tree_tdr` `--repeats` times (default 2): the first includes compilation, the last is the
 steady-state figure reported per item. With `--train_steps > 0` (DIN only) it also times the
 default train step (`train.make_train_step`, the preset's sampler and negatives) on random
 batches over the same tree, and reports the ratio of the tree update to one training epoch on
@@ -104,8 +104,10 @@ def main():
   ap.add_argument("--scorer", choices=("din", "free"), default="din")
   ap.add_argument("--batch_size", type=int, default=None, help="pairs per scorer call")
   ap.add_argument("--train_steps", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=2,
+                  help="runs per size; the last is reported (the first includes compilation)")
   ap.add_argument("--max_seconds", type=float, default=600.0,
-                  help="skip a size whose estimated (two runs) time exceeds this")
+                  help="skip a size whose estimated time (all repeats) exceeds this")
   ap.add_argument("--out", default="benchmarks/results/tree_learning.json")
   args = ap.parse_args()
 
@@ -117,8 +119,9 @@ def main():
     work = pair_nodes(n, b, args.gap, upi)
     row = {"num_items": n, "height": tree_lib.tree_height(n, branching=b),
            "pairs": n * upi, "pair_nodes": work}
-    if throughput is not None and 2 * work / throughput > args.max_seconds:
-      row["skipped"] = (f"estimated {2 * work / throughput:.0f} s for two runs at "
+    if throughput is not None and args.repeats * work / throughput > args.max_seconds:
+      row["skipped"] = (f"estimated {args.repeats * work / throughput:.0f} s for "
+                        f"{args.repeats} run(s) at "
                         f"{throughput:.3g} pair-nodes/s > --max_seconds={args.max_seconds:.0f}")
       print(f"N={n}: skipped, {row['skipped']}", flush=True)
       rows.append(row)
@@ -133,17 +136,17 @@ def main():
     hist[: hist.shape[0] // 4, : cfg.history_len // 2] = -1  # some short histories
     items = np.repeat(np.arange(n, dtype=np.int32), upi)
     times, stats = [], None
-    for _ in range(2):
+    for _ in range(max(1, args.repeats)):
       t = time.perf_counter()
       new, stats = tl.learn_tree_tdr(score_fn, params, tree, hist, items, gap=args.gap,
                                      batch_size=args.batch_size, return_stats=True)
       times.append(time.perf_counter() - t)
     tree_lib.validate(new)
     moved = float(np.mean(new.item_to_leaf != tree.item_to_leaf))
-    warm = times[1]
+    warm = times[-1]
     throughput = work / warm
     row.update({
-        "cold_s": times[0], "warm_s": warm, "compile_s_est": times[0] - times[1],
+        "cold_s": times[0], "warm_s": warm, "compile_s_est": times[0] - times[-1],
         "us_per_item": 1e6 * warm / n,
         "score_s": sum(s["score_s"] for s in stats["steps"]),
         "assign_s": sum(s["assign_s"] for s in stats["steps"]),
@@ -178,6 +181,7 @@ def main():
     print(line)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   meta = {"gap": args.gap, "users_per_item": args.users_per_item, "scorer": args.scorer,
+          "repeats": args.repeats,
           "preset": args.preset, "batch_size": args.batch_size,
           "device": str(jax.devices()[0]), "platform": jax.devices()[0].platform,
           "cpu_count": os.cpu_count(), "jax": jax.__version__,

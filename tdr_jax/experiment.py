@@ -441,6 +441,10 @@ def reference_rows(cfg: Config, ds, ev, eta) -> list[dict]:
   return rows
 
 
+def _fmt(v) -> str:
+  return "-" if v is None else f"{v:.3f}"
+
+
 def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
   tmp = path + ".tmp.npy"
   np.save(tmp, arr)
@@ -517,8 +521,11 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
   corpus_fp = corpus_fingerprint(ds)
   samples = training_samples(cfg, ds)
   _, round_steps = steps_per_round(cfg, len(samples))
-  true_cat = (world.item_category[np.asarray([int(x) for x in ds.item_raw_ids])]
-              if world is not None else None)
+  true_cat = mislabelled = None
+  if world is not None:
+    raw = np.asarray([int(x) for x in ds.item_raw_ids])
+    true_cat = world.item_category[raw]
+    mislabelled = world.observed_category[raw] != true_cat  # the initial tree's noisy labels
   tree_dir = os.path.join(workdir, "trees")
   os.makedirs(tree_dir, exist_ok=True)
   weight_fn, estimator_rows = None, []
@@ -562,11 +569,19 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
                                                       "eval_seconds": eval_seconds,
                                                       "steps": steps})
     row["round"] = r
+    extra = ""
     if true_cat is not None:
+      # Items whose node (at the first level with more nodes than categories) has their true
+      # category as majority: all items, the mislabelled ones, the correctly labelled ones.
       row["category_purity"] = tree_learning.category_purity(tree, true_cat)
+      for what, sel in (("purity_mislabelled", mislabelled), ("purity_labelled", ~mislabelled)):
+        v = tree_learning.category_purity(tree, true_cat, items=sel)
+        row[what] = None if math.isnan(v) else v  # None: no such items (no label noise)
+      extra = (f", purity {row['category_purity']:.3f} (mislabelled "
+               f"{_fmt(row['purity_mislabelled'])}, correctly labelled "
+               f"{_fmt(row['purity_labelled'])})")
     rounds.append(row)
     k0 = cfg.topk[0]
-    extra = f", purity {row['category_purity']:.3f}" if "category_purity" in row else ""
     print(f"round {r}: P@{k0} {row[f'precision@{k0}']:.4f} R@{k0} {row[f'recall@{k0}']:.4f} "
           f"F@{k0} {row[f'f_measure@{k0}']:.4f}{extra}")
 
@@ -578,7 +593,7 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
   final["method"] = label
   final["train_seconds"] = total_train
   final["settings"] = dict(final["settings"], **settings)
-  for key in ("round", "category_purity"):
+  for key in ("round", "category_purity", "purity_mislabelled", "purity_labelled"):
     final.pop(key, None)
   rows = [final]
   forest_curve = []
@@ -686,15 +701,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       results.setdefault("per_method", {})[label] = {"rounds": rounds,
                                                     "forest_curve": forest_curve}
     if true_cat is not None:
-      results[f"{key}initial_category_purity".strip()] = rounds[0].get("category_purity")
-      results[f"{key}final_category_purity".strip()] = rounds[-1].get("category_purity")
+      for what in ("category_purity", "purity_mislabelled", "purity_labelled"):
+        results[f"{key}initial_{what}".strip()] = rounds[0].get(what)
+        results[f"{key}final_{what}".strip()] = rounds[-1].get(what)
     if len(rounds) > 1:
       round_table = format_table(rounds, cfg.topk)
       md += [f"## {label}: tree learning rounds", "", round_table, ""]
       print("\n" + round_table)
       if true_cat is not None:
-        md += ["Category purity per round: " + ", ".join(
-            f"{r['category_purity']:.3f}" for r in rounds), ""]
+        md += ["Items in a node whose majority true category is theirs (first level with more "
+               "nodes than categories), per round: all " + ", ".join(
+                   f"{r['category_purity']:.3f}" for r in rounds) + "; mislabelled " +
+               ", ".join(_fmt(r['purity_mislabelled']) for r in rounds) +
+               "; correctly labelled " + ", ".join(
+                   _fmt(r['purity_labelled']) for r in rounds), ""]
       plot_name = "rounds.png" if len(per_method) == 1 else f"rounds-{label}.png"
       plot_curves(os.path.join(workdir, plot_name), rounds, forest_curve, cfg.topk,
                   f"{cfg.dataset} {label}")

@@ -530,11 +530,15 @@ def purity_level(num_categories: int, *, branching: int, height: int) -> int:
     return j
 
 
-def category_purity(tree: tree_lib.Tree, true_category, *, level: int | None = None) -> float:
+def category_purity(tree: tree_lib.Tree, true_category, *, level: int | None = None,
+                    items=None) -> float:
     """Fraction of items whose node at the purity level has their category as majority.
 
     ``true_category: int[N]``. The level is :func:`purity_level` of the number of distinct
-    categories unless given. Equals ``sum over nodes of max_c count(node, c) / N``.
+    categories unless given. Over all items it equals ``sum over nodes of max_c count(node, c)
+    / N``. ``items: bool[N]`` restricts the fraction to those items (e.g. the mislabelled
+    ones), the majorities still being those of all items (ties go to the smaller category id).
+    Returns NaN when ``items`` selects none.
     """
     cat = np.asarray(true_category)
     n = tree.num_items
@@ -547,8 +551,13 @@ def category_purity(tree: tree_lib.Tree, true_category, *, level: int | None = N
     if not 0 <= j <= tree.height:
         raise ValueError(f"level must lie in [0, {tree.height}], got {j}")
     node = np.asarray(tree.item_paths)[:, j].astype(np.int64)
-    pair_counts = np.unique(node * k + cat_id, return_counts=True)
-    node_of = pair_counts[0] // k
-    best = np.zeros(int(node.max()) + 1, dtype=np.int64)
-    np.maximum.at(best, node_of, pair_counts[1])
-    return float(best.sum() / n)
+    node = node - node.min()
+    counts = np.zeros((int(node.max()) + 1, k), dtype=np.int64)
+    np.add.at(counts, (node, cat_id), 1)
+    home = counts.argmax(1)[node] == cat_id  # [N] item's category is its node's majority
+    if items is None:
+        return float(home.mean())
+    sel = np.asarray(items, dtype=bool)
+    if sel.shape != (n,):
+        raise ValueError(f"items must have shape ({n},), got {sel.shape}")
+    return float(home[sel].mean()) if sel.any() else float("nan")

@@ -301,4 +301,13 @@ def test_category_purity():
     # A mostly sorted tree with two items swapped across categories.
     order = np.arange(n)
     order[[0, 15]] = order[[15, 0]]
-    assert tl.category_purity(tree_lib.from_leaf_order(order, branching=2), cat) == 14 / 16
+    swapped = tree_lib.from_leaf_order(order, branching=2)
+    assert tl.category_purity(swapped, cat) == 14 / 16
+    # Restricted to items, at level 2 (one category's 4 leaves per node): the two swapped
+    # items are away from home, the rest at home.
+    moved = np.zeros(n, bool)
+    moved[[0, 15]] = True
+    assert tl.category_purity(swapped, cat, level=2, items=moved) == 0.0
+    assert tl.category_purity(swapped, cat, level=2, items=~moved) == 1.0
+    assert tl.category_purity(swapped, cat, level=2) == 14 / 16
+    assert np.isnan(tl.category_purity(swapped, cat, items=np.zeros(n, bool)))
