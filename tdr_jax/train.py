@@ -14,6 +14,12 @@ Levels 1..H are trained (the root is trivial):
   weights (Eq. 15) come with the batch.
 * TDM/JTM (`loss="bce"`): binary cross-entropy (Eq. 2), the positive path against uniform
   negatives at every level.
+* OTM (`loss="otm"`, `tdr_jax.otm`): binary cross-entropy against beam-search-aware pseudo
+  targets over the nodes a beam search of size `beam_size` (current model, no gradient) scores
+  at each level, plus the positive's ancestor there.
+* PLT (`loss="plt"`, `tdr_jax.plt`): binary cross-entropy of the per-node conditional
+  classifiers over the positive's path nodes (target 1) and their siblings (target 0). Retrieve
+  with `beam_search(..., path_scores=True)`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tdr_jax import losses, sampling
+from tdr_jax import losses, otm, plt, sampling
 from tdr_jax import tree as tree_lib
 
 
@@ -49,10 +55,11 @@ class Batch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  loss: str = "softmax"  # "softmax" (TDR) or "bce" (TDM/JTM)
+  loss: str = "softmax"  # "softmax" (TDR), "bce" (TDM/JTM), "otm" or "plt"
   sampler: str = "top_down"  # "uniform" or "top_down"
   num_negatives: int = 70
   full_softmax_nodes: int = 128  # levels with at most this many nodes use the full softmax
+  beam_size: int = 20  # OTM: size of the training beam search that picks each level's nodes
 
 
 def num_full_levels(config: StepConfig, *, branching: int, height: int) -> int:
@@ -79,18 +86,52 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
 
 def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, height: int):
   """Returns `loss_fn(params, batch, tree, index, key) -> (loss, metrics)` (mean over batch)."""
-  if config.loss not in ("softmax", "bce"):
-    raise ValueError(f"unknown loss {config.loss!r}; expected 'softmax' or 'bce'")
+  if config.loss not in ("softmax", "bce", "otm", "plt"):
+    raise ValueError(f"unknown loss {config.loss!r}; expected 'softmax', 'bce', 'otm' or 'plt'")
+  if config.loss == "otm" and config.beam_size < 1:
+    raise ValueError(f"beam_size={config.beam_size} must be at least 1")
   if config.sampler not in ("uniform", "top_down"):
     raise ValueError(f"unknown sampler {config.sampler!r}; expected 'uniform' or 'top_down'")
   full = num_full_levels(config, branching=branching, height=height)
   sampled_levels = tuple(range(full + 1, height + 1))
   m = config.num_negatives
 
+  def tree_level_losses(params, batch: Batch, tree: tree_lib.Tree, paths: jax.Array):
+    """OTM / PLT losses float32[H, B] (no sampled negatives, so no key or level index)."""
+    # [B, H, Bt]: the children of the positive's path nodes (path node + siblings per level).
+    kids, kids_mask = jax.vmap(lambda p: plt.path_children(tree, p))(paths)
+    if config.loss == "plt":
+      logits = jnp.stack([score_fn(params, tree, batch.history, kids[:, j - 1], level=j)
+                          for j in range(1, height + 1)], axis=1)  # [B, H, Bt]
+      per_sample = jax.vmap(plt.plt_loss)(logits.astype(jnp.float32), kids, kids_mask, paths,
+                                          batch.weight)  # [B, H]
+      return per_sample.T  # [B, H] -> [H, B], levels first like the other losses
+    cands = otm.beam_candidates(score_fn, params, tree, batch.history, beam_size=config.beam_size)
+    train_nodes, train_mask, train_logits, kid_scores = [], [], [], []
+    for j in range(1, height + 1):
+      nodes, mask = jax.vmap(otm.training_nodes)(*cands[j - 1], paths[:, j])  # [B, W_j + 1]
+      width = nodes.shape[1]
+      # One scorer call per level: the training nodes, then the path node's children (whose
+      # stop-gradient scores decide the pseudo targets).
+      ids = jnp.concatenate([nodes, kids[:, j - 1]], axis=1)
+      sc = score_fn(params, tree, batch.history, ids, level=j).astype(jnp.float32)
+      train_nodes.append(nodes)
+      train_mask.append(mask)
+      train_logits.append(sc[:, :width])
+      kid_scores.append(sc[:, width:])
+    targets = jax.vmap(otm.pseudo_targets)(jnp.stack(kid_scores, axis=1), kids, kids_mask,
+                                           paths)  # [B, H+1]
+    return jnp.stack([
+        jax.vmap(otm.level_loss)(train_logits[j - 1], train_nodes[j - 1], train_mask[j - 1],
+                                 paths[:, j], targets[:, j], batch.weight[:, j - 1])
+        for j in range(1, height + 1)])
+
   def loss_fn(params, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex, key):
+    paths = jnp.asarray(tree.item_paths)[jnp.maximum(batch.target, 0)]  # [B, H+1]
+    if config.loss in ("otm", "plt"):
+      return batch_mean(tree_level_losses(params, batch, tree, paths), batch)
     bsz = batch.target.shape[0]
     node_valid = jnp.asarray(tree.node_valid)
-    paths = jnp.asarray(tree.item_paths)[jnp.maximum(batch.target, 0)]  # [B, H+1]
     num_s = len(sampled_levels)
     per_level = []
     # One scorer call per level, each told its level: a level-aware scorer (DIN with the
@@ -126,7 +167,10 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
         else:
           per_level.append(jax.vmap(losses.binary_cross_entropy_loss)(
               sc[:, 0], sc[:, 1:], neg_mask[:, i], w))
-    level_losses = jnp.stack(per_level)  # [H, B]
+    return batch_mean(jnp.stack(per_level), batch)  # [H, B]
+
+  def batch_mean(level_losses: jax.Array, batch: Batch):
+    """Masked batch mean of the per-sample sum over levels of `level_losses` float32[H, B]."""
     sample_mask = batch.mask.astype(jnp.float32)
     denom = jnp.maximum(sample_mask.sum(), 1.0)
     per_sample = level_losses.sum(0)

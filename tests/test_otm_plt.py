@@ -1,0 +1,295 @@
+"""OTM and PLT baselines: pseudo targets, beam-search training nodes, PLT targets, loss and
+path-product beam search on tiny trees with table scorers; a few DIN train steps of each."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdr_jax import beam_search as bs
+from tdr_jax import otm, plt, sampling, train
+from tdr_jax import tree as tree_lib
+from tdr_jax.models import din as din_lib
+
+
+def table_score(params, tree, history, nodes, level=None):
+  """Scorer reading a table: params[user, node]; the user id is history[:, -1]. Nodes off
+  `level` (including -1 padding) score NaN, so any leak of a masked entry shows."""
+  user = history[:, -1]
+  scores = params[user[:, None], jnp.maximum(nodes, 0)]
+  if level is not None:
+    lv = tree_lib.node_level(nodes, branching=tree.branching)
+    scores = jnp.where(lv == level, scores, jnp.nan)
+  return scores
+
+
+def user_history(num_users):
+  return jnp.broadcast_to(jnp.arange(num_users)[:, None], (num_users, 2)).astype(jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tree5():
+  # 5 items, B = 2 -> H = 3: 8 leaves, 3 of them empty (masked siblings / children).
+  return tree_lib.build_random(np.random.default_rng(3), 5, branching=2)
+
+
+@pytest.fixture(scope="module")
+def tree8():
+  return tree_lib.build_random(np.random.default_rng(4), 8, branching=2)
+
+
+# ---- OTM pseudo targets --------------------------------------------------------------------
+
+def brute_force_targets(t, scores, item):
+  """Bottom-up recursion over the whole tree: float[num_nodes] OTM targets for positive item."""
+  num_nodes = t.parent.shape[0]
+  target = np.zeros(num_nodes)
+  leaf0 = int(t.level_offsets[t.height])
+  for leaf in range(leaf0, num_nodes):
+    target[leaf] = float(t.leaf_to_item[leaf - leaf0] == item)
+  for n in range(leaf0 - 1, -1, -1):
+    kids = t.children[n]
+    ok = t.node_valid[kids]
+    if ok.any():
+      best = kids[np.argmax(np.where(ok, scores[kids], -np.inf))]
+      target[n] = target[best]
+  return target
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def otm_all_node_targets(t, table_row, path):
+  """float32[num_nodes] of otm's targets, node by node (level-wise `node_targets`)."""
+  nodes, mask = plt.path_children(t, path)
+  anc = otm.pseudo_targets(table_row[nodes], nodes, mask, path)
+  out = []
+  for j in range(t.height + 1):
+    ids = jnp.arange(t.level_offsets[j], t.level_offsets[j + 1], dtype=jnp.int32)
+    out.append(otm.node_targets(ids, path[j], anc[j]))
+  return jnp.concatenate(out), anc
+
+
+def test_otm_pseudo_targets_equal_brute_force(tree5):
+  t = tree5
+  rng = np.random.default_rng(0)
+  saw_zero_ancestor = saw_full_path = False
+  for trial in range(12):
+    table = rng.normal(size=t.parent.shape[0]).astype(np.float32)
+    for item in range(t.num_items):
+      got, anc = otm_all_node_targets(t, jnp.asarray(table), jnp.asarray(t.item_paths[item]))
+      want = brute_force_targets(t, table, item)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"trial {trial} item {item}")
+      saw_zero_ancestor |= bool(np.asarray(anc)[0] == 0)
+      saw_full_path |= bool(np.all(np.asarray(anc) == 1))
+  assert saw_zero_ancestor and saw_full_path
+
+
+def test_otm_ancestor_target_zero_when_argmax_leads_away():
+  t = tree_lib.from_leaf_order(np.arange(8), branching=2)  # item i on leaf node 7 + i
+  path = jnp.asarray(t.item_paths[0])
+  assert np.asarray(path).tolist() == [0, 1, 3, 7]
+  table = np.zeros(15, np.float32)
+  table[[2, 3, 7]] = 1.0  # root prefers 2 (away from item 0); 1 prefers 3; 3 prefers 7
+  got, anc = otm_all_node_targets(t, jnp.asarray(table), path)
+  np.testing.assert_array_equal(np.asarray(anc), [0, 1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(got), brute_force_targets(t, table, 0))
+  table[[3, 4]] = [0.0, 1.0]  # now node 1 prefers 4: levels 0 and 1 lose the target
+  _, anc = otm_all_node_targets(t, jnp.asarray(table), path)
+  np.testing.assert_array_equal(np.asarray(anc), [0, 0, 1, 1])
+
+
+# ---- OTM training nodes --------------------------------------------------------------------
+
+def np_beam_candidates(t, scores, k):
+  """Reference: valid nodes a size-k beam search scores at each level 1..H."""
+  out, beam = [], [0]
+  for j in range(1, t.height + 1):
+    if t.branching ** (j - 1) <= k:  # the beam holds the whole previous level
+      cands = list(range(t.level_offsets[j], t.level_offsets[j + 1]))
+    else:
+      cands = [int(c) for n in beam for c in t.children[n]]
+    valid = [c for c in cands if t.node_valid[c]]
+    out.append(valid)
+    beam = sorted(valid, key=lambda c: -scores[c])[:k]
+  return out
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 3])
+def test_otm_training_nodes_are_beam_children_plus_ancestor(tree5, beam_size):
+  t = tree5
+  num_users = 6
+  rng = np.random.default_rng(beam_size)
+  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
+  targets = np.arange(num_users) % t.num_items
+  paths = jnp.asarray(t.item_paths[targets])
+
+  @jax.jit
+  def run(table, paths):
+    cands = otm.beam_candidates(table_score, table, t, user_history(num_users),
+                                beam_size=beam_size)
+    return [jax.vmap(otm.training_nodes)(c, m, paths[:, j + 1]) + (c, m)
+            for j, (c, m) in enumerate(cands)]
+
+  levels = run(jnp.asarray(table), paths)
+  s = bs.start_level(branching=2, height=t.height, beam_size=beam_size)
+  for j, (nodes, mask, cands, cmask) in enumerate(levels, start=1):
+    nodes, mask = np.asarray(nodes), np.asarray(mask)
+    width = 2 ** j if j <= s else beam_size * 2
+    assert nodes.shape == (num_users, width + 1)
+    assert np.all(np.asarray(cands)[~np.asarray(cmask)] < t.level_offsets[j + 1])
+    for u in range(num_users):
+      want_cands = np_beam_candidates(t, table[u], beam_size)[j - 1]
+      anc = int(t.item_paths[targets[u], j])
+      kept = nodes[u][mask[u]].tolist()
+      assert len(kept) == len(set(kept)), "a node is trained twice"
+      assert set(kept) == set(want_cands) | {anc}
+      assert nodes[u, -1] == anc and mask[u, -1] == (anc not in want_cands)
+      assert np.all(nodes[u, :-1][~mask[u, :-1]] == -1)  # masked candidates are -1 padding
+
+
+def test_otm_loss_matches_reference(tree5):
+  """make_loss_fn(loss="otm") with a table scorer equals the BCE over the reference training
+  sets against brute-force targets; its gradient is finite despite NaN at padded entries."""
+  t = tree5
+  num_users, k = 4, 2
+  rng = np.random.default_rng(9)
+  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
+  targets = np.array([0, 1, 2, 4], np.int32)
+  height = t.height
+  batch = train.Batch(user_history(num_users), jnp.asarray(targets),
+                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool))
+  loss_fn = train.make_loss_fn(table_score, train.StepConfig(loss="otm", beam_size=k),
+                               branching=2, height=height)
+  (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      jnp.asarray(table), batch, t, sampling.level_index(t), jax.random.key(0))
+  assert np.all(np.isfinite(np.asarray(grad)))
+  want = np.zeros(height)
+  for u in range(num_users):
+    tgt = brute_force_targets(t, table[u], targets[u])
+    for j, cands in enumerate(np_beam_candidates(t, table[u], k), start=1):
+      for n in set(cands) | {int(t.item_paths[targets[u], j])}:
+        p = 1 / (1 + np.exp(-float(table[u, n])))
+        want[j - 1] -= np.log(p) if tgt[n] else np.log(1 - p)
+  np.testing.assert_allclose(np.asarray(metrics["level_loss"]), want / num_users, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want.sum() / num_users, rtol=1e-5)
+
+
+# ---- PLT ----------------------------------------------------------------------------------
+
+def test_plt_targets_and_loss_hand_computed():
+  t = tree_lib.from_leaf_order(np.arange(7), branching=2)  # leaf node 14 is empty
+  path = jnp.asarray(t.item_paths[6])
+  assert np.asarray(path).tolist() == [0, 2, 6, 13] and not t.node_valid[14]
+  nodes, mask = plt.path_children(t, path)
+  np.testing.assert_array_equal(np.asarray(nodes), [[1, 2], [5, 6], [13, 14]])
+  np.testing.assert_array_equal(np.asarray(mask), [[1, 1], [1, 1], [1, 0]])
+  targets, _ = plt.level_targets(nodes, mask, path)
+  np.testing.assert_array_equal(np.asarray(targets), [[0, 1], [0, 1], [1, 0]])
+  logit = {1: 0.5, 2: -1.0, 5: 2.0, 6: 0.3, 13: 1.5, 14: np.nan}  # 14 is masked
+  logits = jnp.asarray([[logit[int(n)] for n in row] for row in np.asarray(nodes)], jnp.float32)
+  weight = jnp.array([2.0, 1.0, 1.0])
+  got = plt.plt_loss(logits, nodes, mask, path, weight)
+  softplus = lambda x: np.log1p(np.exp(x))  # -log sigmoid(-x)
+  want = [2.0 * softplus(1.0) + softplus(0.5),  # node 2 positive (weighted), node 1 negative
+          softplus(-0.3) + softplus(2.0),  # node 6 positive, node 5 negative
+          softplus(-1.5)]  # node 13 positive, node 14 empty
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  g = jax.grad(lambda x: plt.plt_loss(x, nodes, mask, path).sum())(logits)
+  assert np.all(np.isfinite(np.asarray(g))) and float(g[2, 1]) == 0.0
+
+
+def path_log_probs(t, table):
+  """Brute force: float[U, N] sum over levels 1..H of log sigmoid(logit of the item's ancestor)."""
+  anc = t.item_paths[:, 1:]  # [N, H]
+  return -np.log1p(np.exp(-table[:, anc].astype(np.float64))).sum(-1)
+
+
+@pytest.mark.parametrize("beam_size,topk", [(4, 4), (8, 8), (2, 2)])
+def test_plt_beam_search_equals_path_products(tree8, beam_size, topk):
+  t = tree8
+  num_users = 5
+  rng = np.random.default_rng(beam_size)
+  table = (2 * rng.normal(size=(num_users, t.parent.shape[0]))).astype(np.float32)
+  items, scores = bs.beam_search(table_score, jnp.asarray(table), t, user_history(num_users),
+                                 beam_size=beam_size, topk=topk, path_scores=True)
+  items, scores = np.asarray(items), np.asarray(scores)
+  logp = path_log_probs(t, table)
+  # The returned score of every item is its path log-probability.
+  np.testing.assert_allclose(scores, np.take_along_axis(logp, items, 1), rtol=1e-5, atol=1e-6)
+  if bs.start_level(branching=2, height=t.height, beam_size=beam_size) == t.height:
+    # The leaf level is scored whole (ancestors accumulated): exact top-K.
+    np.testing.assert_array_equal(items, np.argsort(-logp, axis=1, kind="stable")[:, :topk])
+  else:
+    # Scanned levels: the same beam search over brute-force node path scores.
+    for u in range(num_users):
+      node_logp = np.zeros(t.parent.shape[0])
+      for n in range(1, t.parent.shape[0]):
+        node_logp[n] = node_logp[t.parent[n]] - np.log1p(np.exp(-float(table[u, n])))
+      leaves = np_beam_candidates(t, node_logp, beam_size)[-1]
+      top = sorted(leaves, key=lambda n: -node_logp[n])[:topk]
+      want = [t.leaf_to_item[n - t.level_offsets[t.height]] for n in top]
+      np.testing.assert_array_equal(items[u], want)
+
+
+def test_plt_beam_search_differs_from_plain():
+  t = tree_lib.from_leaf_order(np.arange(8), branching=2)  # item i on leaf node 7 + i
+  table = np.zeros((1, 15), np.float32)
+  table[0, [1, 3, 7]] = [-5.0, -5.0, 5.0]  # item 0: best own score, unlikely ancestors
+  table[0, [2, 6, 14]] = [4.0, 4.0, 3.0]  # item 7: likely path
+  hist = user_history(1)
+  plain, _ = bs.beam_search(table_score, jnp.asarray(table), t, hist, beam_size=4, topk=2)
+  path, scores = bs.beam_search(table_score, jnp.asarray(table), t, hist, beam_size=4, topk=2,
+                                path_scores=True)
+  logp = path_log_probs(t, table)[0]
+  assert int(plain[0, 0]) == 0
+  np.testing.assert_array_equal(np.asarray(path[0]), np.argsort(-logp)[:2])  # items 7, 6
+  assert np.asarray(path[0]).tolist() == [7, 6]
+  np.testing.assert_allclose(np.asarray(scores[0]), np.sort(logp)[::-1][:2], rtol=1e-5)
+
+
+# ---- train step with DIN ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def din_setup():
+  from flax import nnx
+  t = tree_lib.build_random(np.random.default_rng(0), 12, branching=2)  # H = 4, 4 empty leaves
+  windows = (1, 1, 2)
+  model = din_lib.init_din(jax.random.key(0), num_nodes=t.num_nodes, embed_dim=8,
+                           windows=windows, attention_hidden=(8,), mlp_hidden=(16,))
+  graphdef, params = nnx.split(model)
+  din_score = din_lib.make_score_fn(graphdef)
+
+  def score_fn(params, tree, history, nodes, level=None):
+    return din_score(params, history, nodes, jnp.asarray(tree.item_paths),
+                     jnp.asarray(tree.level_offsets), level=level)
+
+  rng = np.random.default_rng(1)
+  bsz = 8
+  hist = rng.integers(-1, 12, size=(bsz, sum(windows))).astype(np.int32)
+  batch = train.Batch(jnp.asarray(hist), jnp.asarray(rng.integers(0, 12, bsz), jnp.int32),
+                      jnp.ones((bsz, t.height), jnp.float32),
+                      jnp.asarray(np.arange(bsz) < bsz - 1))  # last row is padding
+  return t, score_fn, params, batch
+
+
+@pytest.mark.parametrize("loss", ["otm", "plt"])
+def test_train_step_decreases_loss(din_setup, loss):
+  t, score_fn, params, batch = din_setup
+  opt = train.make_optimizer(learning_rate=1e-2, decay_steps=1000)
+  cfg = train.StepConfig(loss=loss, beam_size=3)
+  step = jax.jit(train.make_train_step(score_fn, opt, cfg, branching=2, height=t.height))
+  state = train.init_state(params, opt)
+  index = sampling.level_index(t)
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch, t, index, jax.random.key(0))
+    assert metrics["level_loss"].shape == (t.height,)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+
+
+def test_unknown_loss_rejected():
+  with pytest.raises(ValueError, match="unknown loss"):
+    train.make_loss_fn(table_score, train.StepConfig(loss="nope"), branching=2, height=3)
