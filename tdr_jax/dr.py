@@ -1,0 +1,753 @@
+"""Deep Retrieval (Gao et al.): EM training of the structure network and the item paths,
+path beam search, softmax reranking, checkpoints and `run_dr`.
+
+Training (EM)
+-------------
+Paths start random (J distinct paths per item, seeded). The run alternates
+
+* E-step: `epochs_per_estep` epochs of Adam on the batches of `experiment.batch_for_step`
+  (the same data stream as the other methods, continued across E-steps; one optimizer and one
+  learning-rate schedule for the whole run), with the paths fixed. Loss per sample:
+  -log sum_j p(pi_j(y) | x) (multi-path structure objective) plus, with the reranker,
+  `rerank_weight` times a sampled softmax over items (uniform negatives shared by the batch,
+  logQ correction), i.e. Q = Q_pen + Q_softmax; the path-size penalty does not depend on the
+  network, so it only enters the M-step.
+* M-step: every training instance (x, v) is beam-searched with beam S (`top_paths`); its S
+  paths and probabilities p(c | x) are accumulated into s[v, c] (`score_mode="sum"`: exact
+  sums, then the S best paths per item are kept; `"streaming"`: the paper's remark, a top-S
+  list per item updated instance by instance with decay eta and the min_score rule). Then
+  `cd_iterations` sweeps of coordinate descent (paper's Algorithm 2) over the items assign J
+  distinct paths per item greedily by incremental gain
+  N_v [log(partial + s[v, c]) - log(partial)] - alpha [f(|c| + 1) - f(|c|)], f(x) = x^4 / 4.
+
+There are `em_rounds` M-steps and `em_rounds + 1` E-steps (the last E-step fits the network
+to the final paths); `em_rounds=0` trains on random paths only.
+
+M-step cost: instance scoring is one forward pass with a beam of S over the n training
+instances (O(n D S K) layer evaluations). Aggregation ("sum") is a sort of the n S
+(item, path) pairs, O(n S log(n S)); "streaming" is a `lax.scan` over the instances, O(n S^2).
+Coordinate descent is a jitted `lax.scan` over the N items per sweep, O(T N J (S + J)) with a
+size table of K^D ints; it is exact sequential Algorithm 2 (each item sees the sizes left by
+the items before it). Measured: ~1 s per sweep per 10^5 items with S = 10, J = 3 on a 2-core
+CPU (see BUILD notes in the report), so 10^6 items take tens of seconds.
+
+Inference
+---------
+Beam search with beam B over paths by path log-probability (`models.dr.beam_search_paths`),
+the items of the B paths (CSR index path -> items, gathered to a static [B, max path size]
+block with -1 padding and masks, duplicates removed), ordered by the reranker's logits (or,
+without a reranker, by the best path log-probability, ties to the lower item id); top K.
+Users with fewer than K candidates get -1 in the remaining slots.
+
+Checkpoints
+-----------
+With a workdir, `<workdir>/checkpoints` (Orbax, via `baselines._common._Checkpoints`) holds
+{train state (network + reranker + Adam), item paths int32[N, J, D], number of M-steps done}
+after every `checkpoint_every` steps, at the end of every E-step and after every M-step. A
+rerun resumes mid-E-step or between E- and M-step and ends with the same results; a checkpoint
+of other settings or another corpus is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tdr_jax import losses, train
+from tdr_jax.baselines._common import FitConfig, _Checkpoints, fingerprint, pad_rows
+from tdr_jax.data.preprocess import train_batch
+from tdr_jax.metrics import repeated_in_row
+from tdr_jax.models import dr as dr_model
+
+__all__ = ["DRConfig", "PRESETS", "dr_config", "random_paths", "aggregate_path_scores",
+           "streaming_path_scores", "candidate_lists", "coordinate_descent",
+           "penalized_objective", "path_statistics", "score_instances", "m_step", "path_index",
+           "retrieve", "fit", "run_dr", "DRModel", "SimulatedCrash"]
+
+_TINY = 1e-30  # floor inside log() of the M-step: a zero score is "very unlikely", not -inf
+
+
+class SimulatedCrash(RuntimeError):
+  """Raised by `stop_after_step` (testing resumption from checkpoints)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DRConfig:
+  """Settings of a DR run (data-stream settings -- seed, batch size, history length, sample
+  subset -- are arguments of `run_dr`, shared with the other methods)."""
+  width: int = 30  # K nodes per layer
+  depth: int = 3  # D layers
+  beam_size: int = 100  # B paths kept by the inference beam search
+  num_paths: int = 3  # J paths per item
+  alpha: float = 1e-3  # path-size penalty factor, f(x) = x^4 / 4
+  top_paths: int = 10  # S: paths kept per training instance and per item in the M-step
+  em_rounds: int = 3  # M-steps; there are em_rounds + 1 E-steps
+  epochs_per_estep: float = 1.0
+  embed_dim: int = 32  # item embeddings of the history
+  user_dim: int = 64  # user embedding (GRU state / pooled projection)
+  path_dim: int = 16  # path embedding per layer
+  hidden: tuple[int, ...] = (128,)  # hidden widths of each layer's MLP
+  user_encoder: str = "gru"  # "gru" or "mean"
+  reranker: bool = True
+  rerank_dim: int = 32
+  rerank_negatives: int = 512
+  rerank_weight: float = 1.0
+  learning_rate: float = 1e-3
+  decay_rate: float = 0.9  # learning rate multiplied by this once per epoch
+  score_mode: str = "sum"  # M-step scores s[v, c]: "sum" or "streaming"
+  streaming_decay: float = 0.999  # eta of the streaming estimate
+  cd_iterations: int = 3  # coordinate-descent sweeps per M-step
+  mstep_batch_size: int = 1024  # instances per beam-search call of the M-step
+  eval_batch_size: int = 256
+  checkpoint_every: int = 500
+  log_every: int = 50
+
+  def __post_init__(self):
+    if self.width < 2 or self.depth < 1:
+      raise ValueError(f"need width K >= 2 and depth D >= 1, got K={self.width}, D={self.depth}")
+    paths = self.width ** self.depth
+    if paths >= 2 ** 31:
+      raise ValueError(f"K^D = {paths} paths do not fit int32 path ids; lower K or D")
+    if self.num_paths < 1 or self.num_paths > paths:
+      raise ValueError(f"num_paths J={self.num_paths} must lie in [1, K^D={paths}]: every item "
+                       "needs J distinct paths")
+    if not 1 <= self.beam_size <= paths:
+      raise ValueError(f"beam_size B={self.beam_size} must lie in [1, K^D={paths}]")
+    if not 1 <= self.top_paths <= paths:
+      raise ValueError(f"top_paths S={self.top_paths} must lie in [1, K^D={paths}]")
+    if self.alpha < 0:
+      raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+    if self.em_rounds < 0 or self.cd_iterations < 1 or self.epochs_per_estep <= 0:
+      raise ValueError("need em_rounds >= 0, cd_iterations >= 1 and epochs_per_estep > 0")
+    if self.user_encoder not in dr_model.USER_ENCODERS:
+      raise ValueError(f"user_encoder={self.user_encoder!r}: choose {dr_model.USER_ENCODERS}")
+    if self.score_mode not in ("sum", "streaming"):
+      raise ValueError(f"score_mode={self.score_mode!r}: choose 'sum' or 'streaming'")
+    if not 0.0 < self.streaming_decay <= 1.0:
+      raise ValueError(f"streaming_decay must lie in (0, 1], got {self.streaming_decay}")
+    if self.reranker and (self.rerank_dim < 1 or self.rerank_negatives < 1):
+      raise ValueError("the reranker needs rerank_dim >= 1 and rerank_negatives >= 1")
+    if min(self.embed_dim, self.user_dim, self.path_dim, self.mstep_batch_size,
+           self.eval_batch_size, self.checkpoint_every, self.log_every) < 1:
+      raise ValueError("dimensions, batch sizes and checkpoint/log intervals must be positive")
+
+  @property
+  def num_structure_paths(self) -> int:
+    return self.width ** self.depth
+
+  def check_corpus(self, num_items: int) -> None:
+    """Raises ValueError when the structure cannot index `num_items` items."""
+    if num_items < 1:
+      raise ValueError("the corpus has no items")
+    if self.num_structure_paths * self.num_paths < num_items:
+      raise ValueError(
+          f"K^D = {self.num_structure_paths} paths x J = {self.num_paths} < {num_items} items: "
+          f"the structure is too small (K^D must be at least N/J = "
+          f"{-(-num_items // self.num_paths)}); raise K or D")
+
+
+# Paper sec. 4.3 for the public data sets. `synthetic`: the project's default synthetic data
+# (~5,000 items, ~200k training samples, history 20) in a few minutes on 2 CPU cores: K=30,
+# D=3 gives 27,000 paths = 5.4x the items (1.8x the 15,000 item-path slots with J=3), the
+# paper's ratio for MovieLens (125k paths for 20.7k items); alpha is scaled so that a path of
+# ~10-20 items costs about as much as the log-likelihood gap between an item's best paths;
+# beam 100 retrieves ~5-10x K=60 candidates. `smoke`: tiny, seconds (tests).
+PRESETS: dict[str, dict[str, Any]] = {
+    "movielens": dict(width=50, depth=3, beam_size=25, num_paths=3, alpha=3e-5, top_paths=10,
+                      em_rounds=3, epochs_per_estep=1.0),
+    "amazon_books": dict(width=100, depth=3, beam_size=50, num_paths=3, alpha=3e-7,
+                         top_paths=10, em_rounds=3, epochs_per_estep=1.0),
+    "synthetic": dict(width=30, depth=3, beam_size=100, num_paths=3, alpha=1e-3, top_paths=10,
+                      em_rounds=3, epochs_per_estep=1.0, embed_dim=32, user_dim=64,
+                      path_dim=16, hidden=(128,), rerank_dim=32, rerank_negatives=512,
+                      learning_rate=2e-3),
+    "smoke": dict(width=8, depth=3, beam_size=24, num_paths=2, alpha=1e-3, top_paths=4,
+                  em_rounds=1, epochs_per_estep=1.0, embed_dim=8, user_dim=8, path_dim=4,
+                  hidden=(16,), rerank_dim=8, rerank_negatives=32, learning_rate=3e-3,
+                  mstep_batch_size=128, eval_batch_size=32, checkpoint_every=10, log_every=5),
+}
+
+
+def dr_config(preset: str = "synthetic", **overrides) -> DRConfig:
+  """A preset's DRConfig with single fields overridden (None values are ignored)."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown DR preset {preset!r}; choose from {sorted(PRESETS)}")
+  values = dict(PRESETS[preset])
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  bad = set(values) - {f.name for f in dataclasses.fields(DRConfig)}
+  if bad:
+    raise ValueError(f"unknown DRConfig fields {sorted(bad)}")
+  return DRConfig(**values)
+
+
+# ---- paths ---------------------------------------------------------------------------------
+
+def random_paths(rng: np.random.Generator, *, num_items: int, num_structure_paths: int,
+                 num_paths: int) -> np.ndarray:
+  """J distinct uniformly random path ids per item: int64[N, J]."""
+  if num_paths > num_structure_paths:
+    raise ValueError(f"cannot draw {num_paths} distinct paths out of {num_structure_paths}")
+  if num_structure_paths <= 4 * num_paths:  # dense case: random permutations
+    keys = rng.random((num_items, num_structure_paths))
+    return np.argsort(keys, axis=1)[:, :num_paths].astype(np.int64)
+  ids = rng.integers(0, num_structure_paths, (num_items, num_paths))
+  while True:
+    bad = np.flatnonzero(repeated_in_row(ids).any(axis=1))
+    if len(bad) == 0:
+      return ids
+    ids[bad] = rng.integers(0, num_structure_paths, (len(bad), num_paths))
+
+
+def path_statistics(ids: np.ndarray, *, num_structure_paths: int) -> dict:
+  """Sizes of the paths of an assignment ids int[N, J] (paper Table 5 style)."""
+  sizes = np.bincount(np.asarray(ids).reshape(-1), minlength=num_structure_paths)
+  nonempty = sizes[sizes > 0]
+  return {"max_path_size": int(sizes.max(initial=0)),
+          "mean_items_per_nonempty_path": float(nonempty.mean()) if len(nonempty) else 0.0,
+          "nonempty_paths": int(len(nonempty)), "num_structure_paths": int(num_structure_paths)}
+
+
+# ---- M-step: scores s[v, c] ----------------------------------------------------------------
+
+def aggregate_path_scores(items: np.ndarray, beam_ids: np.ndarray, beam_probs: np.ndarray, *,
+                          num_items: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+  """s[v, c] = sum over the instances of v of p(c | x) (over each instance's beam paths), the
+  `top` best paths per item kept.
+
+  Args:
+    items: int[n] the instances' target items.
+    beam_ids: int[n, S] path ids found for each instance (-1 = none).
+    beam_probs: float[n, S] their probabilities p(c | x).
+    num_items: N.
+    top: paths kept per item.
+  Returns:
+    (paths int64[N, top] best first, -1 padded; scores float64[N, top], 0 where padded).
+  """
+  items = np.asarray(items, np.int64)
+  beam_ids = np.asarray(beam_ids, np.int64)
+  valid = beam_ids >= 0
+  span = int(beam_ids.max(initial=0)) + 1
+  keys = (np.broadcast_to(items[:, None], beam_ids.shape) * span + beam_ids)[valid]
+  uniq, inv = np.unique(keys, return_inverse=True)
+  sums = np.bincount(inv, weights=np.asarray(beam_probs, np.float64)[valid],
+                     minlength=len(uniq))
+  owner = uniq // span
+  order = np.lexsort((-sums, owner))  # by item, best score first
+  owner, path, sums = owner[order], uniq[order] % span, sums[order]
+  first = np.searchsorted(owner, owner, side="left")
+  rank = np.arange(len(owner)) - first
+  keep = rank < top
+  out_p = np.full((num_items, top), -1, np.int64)
+  out_s = np.zeros((num_items, top), np.float64)
+  out_p[owner[keep], rank[keep]] = path[keep]
+  out_s[owner[keep], rank[keep]] = sums[keep]
+  return out_p, out_s
+
+
+@functools.partial(jax.jit, static_argnames=("num_items", "top"))
+def _streaming_scan(items, beam_ids, beam_probs, decay, *, num_items: int, top: int):
+  def body(carry, xs):
+    table_ids, table_s = carry
+    v, new_ids, new_s = xs
+    old_ids, old_s = table_ids[v], table_s[v]
+    min_score = jnp.min(old_s)  # empty slots hold score 0
+    match = (old_ids[:, None] == new_ids[None, :]) & (old_ids[:, None] >= 0)  # [top, S]
+    upd_old = jnp.where(old_ids >= 0,
+                        decay * old_s + jnp.sum(jnp.where(match, new_s[None, :], 0.0), axis=1),
+                        -jnp.inf)
+    fresh = (new_ids >= 0) & ~match.any(axis=0)
+    upd_new = jnp.where(fresh, decay * min_score + new_s, -jnp.inf)
+    all_ids = jnp.concatenate([old_ids, new_ids])
+    best, idx = jax.lax.top_k(jnp.concatenate([upd_old, upd_new]), top)
+    ok = jnp.isfinite(best)
+    return (table_ids.at[v].set(jnp.where(ok, all_ids[idx], -1)),
+            table_s.at[v].set(jnp.where(ok, best, 0.0))), None
+
+  init = (jnp.full((num_items, top), -1, jnp.int32), jnp.zeros((num_items, top), jnp.float32))
+  (ids, scores), _ = jax.lax.scan(body, init, (items, beam_ids, beam_probs))
+  return ids, scores
+
+
+def streaming_path_scores(items: np.ndarray, beam_ids: np.ndarray, beam_probs: np.ndarray, *,
+                          num_items: int, top: int, decay: float = 0.999
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """Streaming estimate of the top-`top` s[v, c] per item (paper's remark on streaming).
+
+  Instances are processed in order. For the recorded list s[v, c_1:S] and an instance's new
+  list s'[v, c'_1:S]: paths in both get eta s + s'; paths only recorded get eta s; paths only
+  new get eta min_score + s' (min_score = smallest recorded score, 0 while the list has empty
+  slots); the `top` largest survive. Same arguments and returns as `aggregate_path_scores`.
+  """
+  ids, scores = _streaming_scan(jnp.asarray(items, jnp.int32), jnp.asarray(beam_ids, jnp.int32),
+                                jnp.asarray(beam_probs, jnp.float32), jnp.float32(decay),
+                                num_items=num_items, top=top)
+  ids = np.asarray(ids).astype(np.int64)
+  return ids, np.where(ids >= 0, np.asarray(scores, np.float64), 0.0)
+
+
+# ---- M-step: coordinate descent (Algorithm 2) ----------------------------------------------
+
+def candidate_lists(paths: np.ndarray, scores: np.ndarray, current: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Each item's candidate paths: its scored paths, then its current J paths (score 0 unless
+  already scored; repeats become -1). Guarantees >= J distinct candidates per item.
+
+  Args:
+    paths: int[N, S] scored paths (-1 padded); scores: float[N, S]; current: int[N, J].
+  Returns:
+    (int32[N, S + J] candidate path ids, -1 = none; float32[N, S + J] scores).
+  """
+  cand = np.concatenate([np.asarray(paths, np.int64), np.asarray(current, np.int64)], axis=1)
+  sc = np.concatenate([np.where(np.asarray(paths) >= 0, scores, 0.0),
+                       np.zeros(current.shape)], axis=1)
+  drop = repeated_in_row(cand) | (cand < 0)
+  return np.where(drop, -1, cand).astype(np.int32), np.where(drop, 0.0, sc).astype(np.float32)
+
+
+def _delta_f(size):
+  """f(x + 1) - f(x) for f(x) = x^4 / 4, written without cancellation."""
+  return size ** 3 + 1.5 * size ** 2 + size + 0.25
+
+
+@functools.partial(jax.jit, static_argnames=("num_structure_paths",))
+def _cd_sweep(cand, scores, counts, current, alpha, *, num_structure_paths: int):
+  """One coordinate-descent sweep over all items in id order; returns int32[N, J]."""
+  num_paths = current.shape[1]
+  sizes0 = jnp.zeros((num_structure_paths,), jnp.int32).at[current.reshape(-1)].add(1)
+
+  def body(sizes, xs):
+    c, s, n, cur = xs
+    sizes = sizes.at[cur].add(-1)  # take the item out of its paths
+    safe = jnp.maximum(c, 0)
+    taken = c < 0
+    partial = jnp.float32(0.0)
+    picks = []
+    for _ in range(num_paths):
+      # The fit term is n * log(partial + s); the paper's - n * log(partial) is the same for
+      # every candidate, so dropping it keeps the argmax and avoids log(0) at the first pick.
+      fit = jnp.where(n > 0, n * jnp.log(jnp.maximum(partial + s, _TINY)), 0.0)
+      gain = fit - alpha * _delta_f(sizes[safe].astype(jnp.float32))
+      k = jnp.argmax(jnp.where(taken, -jnp.inf, gain))
+      picks.append(c[k])
+      taken = taken.at[k].set(True)
+      sizes = sizes.at[c[k]].add(1)
+      partial = partial + s[k]
+    return sizes, jnp.stack(picks)
+
+  _, new = jax.lax.scan(body, sizes0, (cand, scores, counts, current))
+  return new
+
+
+def penalized_objective(cand: np.ndarray, scores: np.ndarray, counts: np.ndarray,
+                        assigned: np.ndarray, *, num_structure_paths: int, alpha: float) -> float:
+  """sum_v N_v log(sum_j s[v, pi_j(v)]) - alpha sum_c f(|c|) (the M-step surrogate without its
+  constant - sum_v log N_v; s = 0 outside the candidate lists, log floored at 1e-30)."""
+  hit = cand[:, None, :] == np.asarray(assigned)[:, :, None]  # [N, J, C]
+  s = np.sum(np.where(hit, scores[:, None, :], 0.0), axis=(1, 2), dtype=np.float64)
+  counts = np.asarray(counts, np.float64)
+  fit = np.sum(np.where(counts > 0, counts * np.log(np.maximum(s, _TINY)), 0.0))
+  sizes = np.bincount(np.asarray(assigned).reshape(-1), minlength=num_structure_paths)
+  return float(fit - alpha * np.sum(sizes.astype(np.float64) ** 4 / 4.0))
+
+
+def coordinate_descent(cand: np.ndarray, scores: np.ndarray, counts: np.ndarray,
+                       current: np.ndarray, *, num_structure_paths: int, alpha: float,
+                       iterations: int) -> tuple[np.ndarray, list[float]]:
+  """Penalized path assignment (paper's Algorithm 2), exact sequential coordinate descent.
+
+  Per sweep and item v (in id order): v leaves its J paths (their sizes drop by one), then J
+  distinct paths are picked one at a time among v's candidates, each maximizing
+  N_v log(partial + s[v, c]) - alpha (f(|c| + 1) - f(|c|)) with partial = sum of the scores
+  already picked; the picked path's size grows at once. Items with N_v = 0 only feel the
+  penalty. Ties go to the earlier candidate (the higher score).
+
+  Args:
+    cand: int32[N, C] candidate path ids per item (-1 = none; >= J valid, distinct).
+    scores: float32[N, C] s[v, c] of the candidates.
+    counts: float[N] N_v, the number of training instances of each item.
+    current: int[N, J] the current assignment (every current path must be a candidate).
+    num_structure_paths: K^D.
+    alpha: penalty factor.
+    iterations: sweeps.
+  Returns:
+    (int64[N, J] new assignment, objective after each sweep (`penalized_objective`)).
+  """
+  cand_j, scores_j = jnp.asarray(cand, jnp.int32), jnp.asarray(scores, jnp.float32)
+  counts_j = jnp.asarray(counts, jnp.float32)
+  assigned = np.asarray(current, np.int64)
+  objectives = []
+  for _ in range(iterations):
+    assigned = np.asarray(_cd_sweep(cand_j, scores_j, counts_j, jnp.asarray(assigned, jnp.int32),
+                                    jnp.float32(alpha), num_structure_paths=num_structure_paths)
+                          ).astype(np.int64)
+    objectives.append(penalized_objective(cand, scores, counts, assigned,
+                                          num_structure_paths=num_structure_paths, alpha=alpha))
+  return assigned, objectives
+
+
+# ---- M-step: instance scoring and the whole step -------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top"))
+def _beam_instances(graphdef, params, history, *, top: int):
+  model = nnx.merge(graphdef, params)
+  codes, logp = dr_model.beam_search_paths(model, dr_model.encode_users(model, history),
+                                           beam=top)
+  return dr_model.path_ids(codes, width=model.width), jnp.exp(logp)
+
+
+def score_instances(graphdef, params, ds, samples: np.ndarray, *, history_len: int, top: int,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Top-`top` paths of every training instance by beam search.
+
+  Returns (items int32[n], path ids int32[n, top] (-1 = none), probabilities float32[n, top]).
+  """
+  items, ids, probs = [], [], []
+  for lo in range(0, len(samples), batch_size):
+    hist, target = train_batch(ds, samples[lo:lo + batch_size], history_len)
+    got_ids, got_p = _beam_instances(graphdef, params, jnp.asarray(pad_rows(hist, batch_size, -1)),
+                                     top=top)
+    items.append(target)
+    ids.append(np.asarray(got_ids)[:len(hist)])
+    probs.append(np.asarray(got_p)[:len(hist)])
+  return (np.concatenate(items).astype(np.int32), np.concatenate(ids).astype(np.int32),
+          np.concatenate(probs).astype(np.float32))
+
+
+def m_step(graphdef, params, ds, samples: np.ndarray, current: np.ndarray, config: DRConfig, *,
+           history_len: int) -> tuple[np.ndarray, dict]:
+  """New item paths int64[N, J] (flat ids) from the network and the current ones, plus info."""
+  t0 = time.perf_counter()
+  items, ids, probs = score_instances(graphdef, params, ds, samples, history_len=history_len,
+                                      top=config.top_paths, batch_size=config.mstep_batch_size)
+  t1 = time.perf_counter()
+  estimate = aggregate_path_scores if config.score_mode == "sum" else functools.partial(
+      streaming_path_scores, decay=config.streaming_decay)
+  paths, scores = estimate(items, ids, probs, num_items=ds.num_items, top=config.top_paths)
+  cand, cand_s = candidate_lists(paths, scores, current)
+  counts = np.bincount(items, minlength=ds.num_items).astype(np.float32)
+  n_paths = config.num_structure_paths
+  before = penalized_objective(cand, cand_s, counts, current, num_structure_paths=n_paths,
+                               alpha=config.alpha)
+  t2 = time.perf_counter()
+  new, objectives = coordinate_descent(cand, cand_s, counts, current,
+                                       num_structure_paths=n_paths, alpha=config.alpha,
+                                       iterations=config.cd_iterations)
+  t3 = time.perf_counter()
+  info = {"score_seconds": t1 - t0, "estimate_seconds": t2 - t1, "cd_seconds": t3 - t2,
+          "objective_before": before, "objective_per_sweep": objectives,
+          "changed_paths": float(np.mean(np.sort(new, 1) != np.sort(current, 1))),
+          **path_statistics(new, num_structure_paths=n_paths)}
+  return new, info
+
+
+# ---- inference -----------------------------------------------------------------------------
+
+def path_index(ids: np.ndarray, *, num_structure_paths: int) -> tuple[np.ndarray, np.ndarray,
+                                                                      int]:
+  """CSR path -> items of an assignment ids int[N, J]: (offsets int32[K^D + 1],
+  items int32[N J] grouped by path, ascending item id within a path, largest path size)."""
+  ids = np.asarray(ids, np.int64)
+  flat = ids.reshape(-1)
+  owner = np.repeat(np.arange(ids.shape[0], dtype=np.int64), ids.shape[1])
+  order = np.lexsort((owner, flat))
+  sizes = np.bincount(flat, minlength=num_structure_paths)
+  offsets = np.zeros(num_structure_paths + 1, np.int64)
+  np.cumsum(sizes, out=offsets[1:])
+  return offsets.astype(np.int32), owner[order].astype(np.int32), int(sizes.max(initial=0))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "beam", "topk", "max_path_size",
+                                             "use_reranker"))
+def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int, topk: int,
+                    max_path_size: int, use_reranker: bool):
+  model = nnx.merge(graphdef, params)
+  user = dr_model.encode_users(model, history)
+  codes, logp = dr_model.beam_search_paths(model, user, beam=beam)
+  pid = dr_model.path_ids(codes, width=model.width)  # [b, B], -1 = no path
+  ok = pid >= 0
+  safe = jnp.maximum(pid, 0)
+  start = offsets[safe]
+  size = jnp.where(ok, offsets[safe + 1] - start, 0)
+  slot = jnp.arange(max_path_size)
+  valid = slot < size[..., None]  # [b, B, M]
+  pos = jnp.clip(start[..., None] + slot, 0, path_items.shape[0] - 1)
+  b = history.shape[0]
+  cand = jnp.where(valid, path_items[pos], model.num_items).reshape(b, -1)  # N = padding
+  cand_logp = jnp.where(valid, logp[..., None], -jnp.inf).reshape(b, -1)
+  # Sort by (item, best path first): the first copy of an item carries its best path score.
+  cand, neg_logp = jax.lax.sort((cand, -cand_logp), dimension=1, num_keys=2)
+  keep = cand < model.num_items
+  keep = keep & jnp.concatenate([jnp.ones((b, 1), bool), cand[:, 1:] != cand[:, :-1]], axis=1)
+  items = jnp.where(keep, cand, -1)
+  if use_reranker:
+    score = jnp.where(keep, dr_model.rerank_logits(
+        model, dr_model.rerank_user_vectors(model, user), items), -jnp.inf)
+  else:
+    score = jnp.where(keep, -neg_logp, -jnp.inf)
+  k = min(topk, items.shape[1])
+  best, idx = jax.lax.top_k(score, k)
+  out = jnp.where(jnp.isfinite(best), jnp.take_along_axis(items, idx, axis=1), -1)
+  if k < topk:
+    out = jnp.pad(out, ((0, 0), (0, topk - k)), constant_values=-1)
+  return out.astype(jnp.int32), jnp.sum(keep, axis=1)
+
+
+@dataclasses.dataclass
+class DRModel:
+  """A trained DR model: `nnx.merge(graphdef, params)` rebuilds the network."""
+  graphdef: Any
+  params: Any
+  paths: np.ndarray  # int32[N, J, D] codes of every item's paths
+  config: DRConfig
+  info: dict
+
+  def module(self) -> dr_model.StructureNet:
+    return nnx.merge(self.graphdef, self.params)
+
+  def path_ids(self) -> np.ndarray:
+    """int64[N, J] flat path ids."""
+    return dr_model.path_ids(self.paths.astype(np.int64), width=self.config.width)
+
+
+def retrieve(model: DRModel, history: np.ndarray, *, topk: int, beam_size: int | None = None,
+             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Top-K items for histories int32[U, L]: (int32[U, topk] best first, -1 padded;
+  int64[U] number of distinct candidate items of each user's beam)."""
+  cfg = model.config
+  beam = int(beam_size or cfg.beam_size)
+  if not 1 <= beam <= cfg.num_structure_paths:
+    raise ValueError(f"beam_size {beam} must lie in [1, K^D={cfg.num_structure_paths}]")
+  if topk < 1:
+    raise ValueError(f"topk must be >= 1, got {topk}")
+  offsets, path_items, max_size = path_index(model.path_ids(),
+                                             num_structure_paths=cfg.num_structure_paths)
+  history = np.asarray(history, np.int32)
+  bs = int(batch_size or cfg.eval_batch_size)
+  bs = max(1, min(bs, len(history))) if len(history) else 1
+  offsets_j, items_j = jnp.asarray(offsets), jnp.asarray(path_items)
+  out, counts = [], []
+  for lo in range(0, len(history), bs):
+    h = history[lo:lo + bs]
+    got, n = _retrieve_batch(model.graphdef, model.params, jnp.asarray(pad_rows(h, bs, -1)),
+                             offsets_j, items_j, beam=beam, topk=topk,
+                             max_path_size=max(max_size, 1), use_reranker=cfg.reranker)
+    out.append(np.asarray(got)[:len(h)])
+    counts.append(np.asarray(n)[:len(h)])
+  if not out:
+    return np.zeros((0, topk), np.int32), np.zeros(0, np.int64)
+  return np.concatenate(out), np.concatenate(counts).astype(np.int64)
+
+
+# ---- training ------------------------------------------------------------------------------
+
+def make_loss_fn(graphdef, config: DRConfig, *, num_items: int):
+  """`loss_fn(params, batch, paths, key) -> (loss, aux)`; paths: int32[N, J, D] codes."""
+  m = int(config.rerank_negatives)
+  log_q = -float(np.log(num_items))
+  softmax_loss = jax.vmap(functools.partial(losses.sampled_softmax_loss, num_samples=m),
+                          in_axes=(0, 0, None, 0))
+
+  def loss_fn(params, batch, paths, key):
+    model = nnx.merge(graphdef, params)
+    user = dr_model.encode_users(model, batch.history)
+    target = jnp.maximum(batch.target, 0)
+    ll = dr_model.multi_path_log_likelihood(dr_model.path_log_probs(model, user, paths[target]))
+    mask = batch.mask.astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(mask), 1.0)
+    structure = -jnp.sum(ll * mask) / denom
+    if not config.reranker:
+      return structure, {"structure": structure, "softmax": jnp.zeros(())}
+    vec = dr_model.rerank_user_vectors(model, user)
+    pos = dr_model.rerank_logits(model, vec, target[:, None])[:, 0]
+    neg = jax.random.randint(key, (m,), 0, num_items)
+    per = softmax_loss(pos, dr_model.rerank_logits(model, vec, neg), jnp.full((m,), log_q),
+                       neg[None, :] != target[:, None])
+    soft = jnp.sum(per * mask) / denom
+    return structure + config.rerank_weight * soft, {"structure": structure, "softmax": soft}
+
+  return loss_fn
+
+
+def _fit_config(config: DRConfig, *, seed: int, history_len: int, batch_size: int,
+                max_train_samples: int) -> FitConfig:
+  return FitConfig(seed=seed, epochs=config.epochs_per_estep, batch_size=batch_size,
+                   history_len=history_len, max_train_samples=max_train_samples,
+                   learning_rate=config.learning_rate, decay_rate=config.decay_rate,
+                   checkpoint_every=config.checkpoint_every, log_every=config.log_every)
+
+
+def _identity(config: DRConfig, fc: FitConfig, ds) -> dict:
+  from tdr_jax import experiment  # lazy: experiment may import this module
+  skip = {"beam_size", "eval_batch_size", "checkpoint_every", "log_every"}
+  return {"name": "dr", "fingerprint": fingerprint(
+      {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
+       "fit": {k: v for k, v in dataclasses.asdict(fc).items()
+               if k not in ("checkpoint_every", "log_every")},
+       "corpus": experiment.corpus_fingerprint(ds)})}
+
+
+def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_size: int = 256,
+        max_train_samples: int = 0, workdir: str | None = None, stop_after_step: int = 0,
+        verbose: bool = False) -> DRModel:
+  """EM training (see the module docstring). `stop_after_step` > 0 raises SimulatedCrash right
+  after that global training step (and its checkpoint, if one is due) -- testing only."""
+  from tdr_jax import experiment  # lazy: experiment may import this module
+  config.check_corpus(ds.num_items)
+  fc = _fit_config(config, seed=seed, history_len=history_len, batch_size=batch_size,
+                   max_train_samples=max_train_samples)
+  samples = experiment.training_samples(fc, ds)
+  if len(samples) == 0:
+    raise ValueError("the dataset has no training samples")
+  steps_per_epoch, steps_per_estep = experiment.steps_per_round(fc, len(samples))
+  n_paths = config.num_structure_paths
+  net = dr_model.StructureNet(
+      num_items=ds.num_items, width=config.width, depth=config.depth,
+      embed_dim=config.embed_dim, user_dim=config.user_dim, path_dim=config.path_dim,
+      hidden=config.hidden, user_encoder=config.user_encoder,
+      rerank_dim=config.rerank_dim if config.reranker else 0,
+      rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
+  graphdef, params = nnx.split(net)
+  optimizer = train.make_optimizer(learning_rate=config.learning_rate,
+                                   decay_steps=steps_per_epoch, decay_rate=config.decay_rate)
+  ids = random_paths(np.random.default_rng([seed, 23]), num_items=ds.num_items,
+                     num_structure_paths=n_paths, num_paths=config.num_paths)
+  state = {"train": train.init_state(params, optimizer),
+           "paths": dr_model.path_codes(ids, width=config.width,
+                                        depth=config.depth).astype(np.int32),
+           "msteps": np.zeros((), np.int32)}
+  loss_fn = make_loss_fn(graphdef, config, num_items=ds.num_items)
+
+  def step(ts: train.TrainState, batch: train.Batch, paths, base_key):
+    key = jax.random.fold_in(base_key, ts.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts.params, batch, paths, key)
+    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+    return train.TrainState(ts.step + 1, optax.apply_updates(ts.params, updates),
+                            opt_state), (loss, aux["structure"], aux["softmax"])
+
+  jit_step = jax.jit(step, donate_argnums=0)
+  ckpt = None
+  resumed_from = None
+  if workdir:
+    ckpt = _Checkpoints(os.path.join(workdir, "checkpoints"), _identity(config, fc, ds))
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state = ckpt.restore(latest, state)
+      resumed_from = int(latest)
+      if verbose:
+        print(f"dr: resuming at training step {int(state['train'].step)}, "
+              f"{int(state['msteps'])} M-steps done")
+  base_key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(b"dr") & 0x7FFFFFFF)
+
+  ts, paths, msteps = state["train"], np.asarray(state["paths"]), int(state["msteps"])
+  start_step = int(ts.step)
+  paths_j = jnp.asarray(paths)
+  t0 = time.perf_counter()
+  history_losses, pending, mstep_infos = [], [], []
+
+  def save(force=False):
+    if ckpt is not None:
+      g = int(ts.step)
+      ckpt.save(g + msteps, {"train": ts, "paths": paths, "msteps": np.asarray(msteps, np.int32)},
+                force=force)
+
+  def flush():
+    vals = np.asarray(jax.device_get(pending), np.float32)  # [n, 3]
+    if not np.all(np.isfinite(vals)):
+      raise FloatingPointError(f"dr: non-finite training loss near step {int(ts.step)}; "
+                               "try a lower learning_rate")
+    history_losses.extend(vals.tolist())
+    pending.clear()
+
+  while True:
+    g = int(ts.step)
+    end = (msteps + 1) * steps_per_estep
+    if g < end:  # E-step
+      batch = experiment.batch_for_step(fc, ds, samples, g, steps_per_epoch, 1)
+      ts, out = jit_step(ts, batch, paths_j, base_key)
+      pending.append(out)
+      g += 1
+      if len(pending) >= config.log_every or g == end:
+        flush()
+        if verbose:
+          print(f"dr: E-step {msteps} step {g}/{(config.em_rounds + 1) * steps_per_estep} "
+                f"loss {history_losses[-1][0]:.4f} (structure {history_losses[-1][1]:.4f})",
+                flush=True)
+      if g % config.checkpoint_every == 0 or g == end:
+        save(force=g == end)
+      if stop_after_step and g == stop_after_step:
+        if ckpt is not None:
+          ckpt.close()
+        raise SimulatedCrash(f"dr: simulated crash after step {g}")
+    elif msteps < config.em_rounds:  # M-step
+      current = dr_model.path_ids(paths.astype(np.int64), width=config.width)
+      new, info = m_step(graphdef, ts.params, ds, samples, current, config,
+                         history_len=history_len)
+      paths = dr_model.path_codes(new, width=config.width, depth=config.depth).astype(np.int32)
+      paths_j = jnp.asarray(paths)
+      msteps += 1
+      mstep_infos.append(info)
+      if verbose:
+        print(f"dr: M-step {msteps}: max path {info['max_path_size']}, non-empty "
+              f"{info['nonempty_paths']}, objective {info['objective_before']:.1f} -> "
+              f"{info['objective_per_sweep']}, changed {info['changed_paths']:.3f}", flush=True)
+      save(force=True)
+    else:
+      break
+  jax.block_until_ready(ts)
+  seconds = time.perf_counter() - t0
+  if ckpt is not None:
+    ckpt.close()
+  losses_arr = np.asarray(history_losses, np.float32).reshape(-1, 3)
+  info = {"steps": int(ts.step), "steps_run": int(ts.step) - start_step,
+          "steps_per_estep": int(steps_per_estep), "msteps": msteps,
+          "resumed_from_checkpoint": resumed_from, "seconds": float(seconds),
+          "losses": losses_arr, "msteps_run": mstep_infos}
+  return DRModel(graphdef=graphdef, params=ts.params, paths=paths, config=config, info=info)
+
+
+def run_dr(ds, ev, config: DRConfig, *, topk: int, seed: int, history_len: int,
+           batch_size: int, max_train_samples: int, workdir: str | None,
+           stop_after_step: int = 0, verbose: bool = False) -> tuple[np.ndarray, float, dict]:
+  """Trains DR on `ds` and retrieves `topk` items for the users of `ev` (`ev.history`).
+
+  Returns:
+    (retrieved int32[U, topk] (-1 where a user had fewer candidates), train_seconds (this
+    call's training, M-steps included), settings: JSON-able -- the DRConfig, steps, final
+    losses, path statistics of the final paths, candidates per user, M-step diagnostics).
+  """
+  model = fit(ds, config, seed=seed, history_len=history_len, batch_size=batch_size,
+              max_train_samples=max_train_samples, workdir=workdir,
+              stop_after_step=stop_after_step, verbose=verbose)
+  t0 = time.perf_counter()
+  retrieved, n_cand = retrieve(model, ev.history, topk=topk)
+  retrieve_seconds = time.perf_counter() - t0
+  info = model.info
+  last = info["losses"][-1] if len(info["losses"]) else [np.nan] * 3
+  settings = {
+      "config": {k: (list(v) if isinstance(v, tuple) else v)
+                 for k, v in dataclasses.asdict(config).items()},
+      "steps": info["steps"], "steps_run": info["steps_run"],
+      "steps_per_estep": info["steps_per_estep"], "msteps": info["msteps"],
+      "resumed_from_checkpoint": info["resumed_from_checkpoint"],
+      "final_loss": float(last[0]), "final_structure_loss": float(last[1]),
+      "final_softmax_loss": float(last[2]),
+      "path_stats": path_statistics(model.path_ids(),
+                                    num_structure_paths=config.num_structure_paths),
+      "candidates_per_user": ({"mean": float(n_cand.mean()), "min": int(n_cand.min()),
+                               "max": int(n_cand.max())} if len(n_cand) else {}),
+      "users_short_of_topk": int(np.sum(n_cand < topk)),
+      "retrieve_seconds": float(retrieve_seconds),
+      "msteps_run": [{k: (float(v) if isinstance(v, (float, np.floating)) else v)
+                      for k, v in m.items()} for m in info["msteps_run"]],
+  }
+  return retrieved, float(info["seconds"]), settings
