@@ -1,0 +1,299 @@
+"""Deep Retrieval (tdr_jax.dr, tdr_jax.models.dr): path probabilities, path beam search, the
+multi-path objective, the M-step (scores, Algorithm 2), and run_dr end to end with resume."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tdr_jax import dr, experiment, metrics, train
+from tdr_jax.models import dr as dr_model
+
+# ---- structure network on a tiny structure (K=3, D=3) ---------------------------------------
+
+_HIST = np.array([[-1, -1, 2, 3], [1, 2, 3, 4], [-1, -1, -1, -1], [5, 5, 0, 7]], np.int32)
+
+
+@pytest.fixture(scope="module", params=["gru", "mean"])
+def tiny(request):
+  net = dr_model.StructureNet(num_items=8, width=3, depth=3, embed_dim=4, user_dim=5,
+                              path_dim=3, hidden=(7,), user_encoder=request.param,
+                              rerank_dim=4, rngs=nnx.Rngs(request.param == "gru"))
+  user = dr_model.encode_users(net, jnp.asarray(_HIST))
+  return net, user, np.asarray(dr_model.all_path_log_probs(net, user))
+
+
+def test_path_probabilities_sum_to_one(tiny):
+  _, _, logp = tiny
+  assert logp.shape == (len(_HIST), 27)
+  np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, rtol=1e-5)
+  assert np.ptp(logp, axis=1).min() > 1e-3  # not the uniform distribution
+
+
+def test_path_ids_round_trip():
+  codes = dr_model.all_paths(3, 3)
+  np.testing.assert_array_equal(dr_model.path_ids(codes.astype(np.int64), width=3), np.arange(27))
+  np.testing.assert_array_equal(codes[5], [0, 1, 2])
+  np.testing.assert_array_equal(dr_model.path_codes(np.array([-1, 26]), width=3, depth=3),
+                                [[-1, -1, -1], [2, 2, 2]])
+  jax_ids = dr_model.path_ids(jnp.asarray(codes), width=3)
+  np.testing.assert_array_equal(jax_ids, np.arange(27))
+
+
+@pytest.mark.parametrize("beam", [9, 27])
+def test_beam_search_equals_exhaustive_when_exact(tiny, beam):
+  # beam >= K^(D-1) keeps every prefix until the last layer: exactly the top-beam paths.
+  net, user, logp = tiny
+  codes, scores = dr_model.beam_search_paths(net, user, beam=beam)
+  ids = np.asarray(dr_model.path_ids(codes, width=3))
+  expect = np.argsort(-logp, axis=1, kind="stable")[:, :beam]
+  np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(expect, axis=1))
+  np.testing.assert_allclose(scores, np.take_along_axis(logp, expect, axis=1), atol=1e-5)
+  np.testing.assert_allclose(scores, np.take_along_axis(logp, ids, axis=1), atol=1e-5)
+
+
+def test_beam_search_small_beam_scores_and_padding(tiny):
+  net, user, logp = tiny
+  codes, scores = dr_model.beam_search_paths(net, user, beam=4)
+  ids = np.asarray(dr_model.path_ids(codes, width=3))
+  assert (np.diff(np.asarray(scores), axis=1) <= 1e-6).all()  # best first
+  # Path probability = product over layers (not the last layer alone).
+  np.testing.assert_allclose(scores, np.take_along_axis(logp, ids, axis=1), atol=1e-5)
+  assert (np.asarray(scores)[:, 0] <= logp.max(axis=1) + 1e-6).all()  # a beam may miss the best
+  # A beam larger than K^D: the extra entries are -1 / -inf.
+  small = dr_model.StructureNet(num_items=8, width=2, depth=2, user_dim=5, rngs=nnx.Rngs(0))
+  codes, scores = dr_model.beam_search_paths(small, user, beam=6)
+  assert np.isfinite(scores[:, :4]).all() and np.isneginf(scores[:, 4:]).all()
+  assert (np.asarray(codes)[:, 4:] == -1).all()
+  assert all(len(set(r)) == 4 for r in np.asarray(dr_model.path_ids(codes, width=2))[:, :4]
+             .tolist())
+
+
+def test_multi_path_objective_is_logsumexp_hand_case():
+  # Zero kernels: every layer's softmax is softmax(bias), whatever the user.
+  net = dr_model.StructureNet(num_items=3, width=2, depth=2, embed_dim=2, user_dim=3,
+                              path_dim=2, hidden=(4,), rngs=nnx.Rngs(0))
+  for k in net.kernels:
+    k[...] = jnp.zeros_like(k[...])
+  net.biases[-1][...] = jnp.log(jnp.array([[1.0, 3.0], [1.0, 4.0]]))  # p1 = (1/4, 3/4), p2 = (1/5, 4/5)
+  graphdef, params = nnx.split(net)
+  config = dr.DRConfig(width=2, depth=2, beam_size=2, num_paths=2, top_paths=2, reranker=False)
+  loss_fn = dr.make_loss_fn(graphdef, config, num_items=3)
+  # Item 1 lies on paths (0, 1) and (1, 0): 1/4 * 4/5 + 3/4 * 1/5 = 0.35.
+  paths = jnp.array([[[0, 0], [1, 1]], [[0, 1], [1, 0]], [[1, 1], [0, 1]]], jnp.int32)
+  batch = train.Batch(jnp.array([[0, 2], [-1, 0]], jnp.int32), jnp.array([1, 1], jnp.int32),
+                      jnp.ones((2, 1)), jnp.array([True, False]))
+  loss, aux = loss_fn(params, batch, paths, jax.random.key(0))
+  np.testing.assert_allclose(loss, -math.log(0.35), rtol=1e-6)
+  user = dr_model.encode_users(net, batch.history)
+  lp = dr_model.path_log_probs(net, user, paths[batch.target])
+  np.testing.assert_allclose(lp[0], [math.log(0.2), math.log(0.15)], rtol=1e-6)
+  np.testing.assert_allclose(dr_model.multi_path_log_likelihood(lp)[0], math.log(0.35), rtol=1e-6)
+
+
+# ---- M-step ---------------------------------------------------------------------------------
+
+def test_path_scores_sum_and_streaming_hand_case():
+  # Item 0 seen twice (paths 5, 7 then 7, 9), item 2 once; item 1 never.
+  items = np.array([0, 2, 0])
+  ids = np.array([[5, 7], [3, -1], [7, 9]])
+  probs = np.array([[0.5, 0.2], [0.9, 0.0], [0.4, 0.3]])
+  p, s = dr.aggregate_path_scores(items, ids, probs, num_items=3, top=2)
+  np.testing.assert_array_equal(p, [[7, 5], [-1, -1], [3, -1]])
+  np.testing.assert_allclose(s, [[0.6, 0.5], [0, 0], [0.9, 0]])
+  # Streaming, eta = 0.5: after (5: .5, 7: .2), min_score = .2; 7 -> .5*.2 + .4 = .5,
+  # 9 (new) -> .5*.2 + .3 = .4, 5 (old only) -> .5*.5 = .25 drops out.
+  p, s = dr.streaming_path_scores(items, ids, probs, num_items=3, top=2, decay=0.5)
+  np.testing.assert_array_equal(p, [[7, 9], [-1, -1], [3, -1]])
+  np.testing.assert_allclose(s, [[0.5, 0.4], [0, 0], [0.9, 0]], rtol=1e-6)
+
+
+def test_candidate_lists_append_current_and_drop_repeats():
+  cand, sc = dr.candidate_lists(np.array([[4, 2, -1]]), np.array([[0.5, 0.25, 0.0]]),
+                                np.array([[2, 7]]))
+  np.testing.assert_array_equal(cand, [[4, 2, -1, -1, 7]])
+  np.testing.assert_allclose(sc, [[0.5, 0.25, 0, 0, 0]])
+
+
+def test_coordinate_descent_greedy_hand_case():
+  # K^D = 4 paths, J = 2, alpha = 0.1, f(x+1) - f(x) = 0.25, 3.75, 16.25 at x = 0, 1, 2.
+  # Every item: N_v = 1, s = (.4, .3, .2, .1) on paths 0..3, starts on {0, 1} (sizes 3, 3, 0, 0).
+  # Item 0 leaves (sizes 2, 2, 0, 0): gains log s - .1 * df = (-2.54, -2.83, -1.63, -2.33) -> 2;
+  #   then log(.2 + s) - pen = (-2.14, -2.32, -, -1.23) -> 3.
+  # Items 1 and 2 leave (sizes 1, 1, 1, 1): equal penalties, so the best scores 0 then 1.
+  cand = np.tile(np.arange(4, dtype=np.int32), (3, 1))
+  scores = np.tile(np.array([0.4, 0.3, 0.2, 0.1], np.float32), (3, 1))
+  counts = np.ones(3)
+  current = np.array([[0, 1]] * 3)
+  new, obj = dr.coordinate_descent(cand, scores, counts, current, num_structure_paths=4,
+                                   alpha=0.1, iterations=1)
+  np.testing.assert_array_equal(new, [[2, 3], [0, 1], [0, 1]])
+  expect = math.log(0.3) + 2 * math.log(0.7) - 0.1 * (2 ** 4 + 2 ** 4 + 1 + 1) / 4
+  np.testing.assert_allclose(obj, [expect], rtol=1e-6)
+  # Without the penalty every item takes its two best paths.
+  new, _ = dr.coordinate_descent(cand, scores, counts, current, num_structure_paths=4,
+                                 alpha=0.0, iterations=2)
+  np.testing.assert_array_equal(new, [[0, 1]] * 3)
+
+
+def _reference_cd(cand, scores, counts, current, num_paths_total, alpha):
+  """Plain-Python Algorithm 2 (one sweep) for comparison."""
+  cur = [list(r) for r in current]
+  sizes = np.bincount(np.ravel(current), minlength=num_paths_total).astype(np.int64)
+  for v in range(len(cur)):
+    for c in cur[v]:
+      sizes[c] -= 1
+    partial, picks = 0.0, []
+    for _ in range(len(cur[v])):
+      best, best_gain = None, -np.inf
+      for c, s in zip(cand[v], scores[v]):
+        if c < 0 or c in picks:
+          continue
+        fit = counts[v] * math.log(max(partial + s, 1e-30)) if counts[v] > 0 else 0.0
+        gain = fit - alpha * (((sizes[c] + 1) ** 4 - sizes[c] ** 4) / 4)
+        if gain > best_gain:
+          best, best_gain = c, gain
+      picks.append(best)
+      sizes[best] += 1
+      partial += scores[v][list(cand[v]).index(best)]
+    cur[v] = picks
+  return np.array(cur)
+
+
+def test_coordinate_descent_matches_reference_and_paths_distinct():
+  rng = np.random.default_rng(0)
+  n, total, s_keep, j = 60, 16, 5, 3
+  beam = np.stack([rng.choice(total, s_keep, replace=False) for _ in range(n)])
+  sc = np.sort(rng.gamma(1.0, size=(n, s_keep)), axis=1)[:, ::-1]
+  current = dr.random_paths(rng, num_items=n, num_structure_paths=total, num_paths=j)
+  counts = rng.integers(0, 4, n).astype(np.float64)  # some items never seen: no scores
+  beam[counts == 0] = -1
+  cand, cand_s = dr.candidate_lists(beam, sc, current)
+  new, _ = dr.coordinate_descent(cand, cand_s, counts, current, num_structure_paths=total,
+                                 alpha=0.05, iterations=1)
+  np.testing.assert_array_equal(new, _reference_cd(cand, cand_s, counts, current, total, 0.05))
+  assert new.shape == (n, j) and not metrics.repeated_in_row(new).any()
+  assert ((new >= 0) & (new < total)).all()
+  # Items never seen keep their paths (their only candidates).
+  unseen = counts == 0
+  np.testing.assert_array_equal(np.sort(new[unseen], 1), np.sort(current[unseen], 1))
+
+
+def test_alpha_shrinks_largest_path():
+  # 300 items that all score path 0 best, paths 1..5 a bit lower.
+  rng = np.random.default_rng(1)
+  n, total = 300, 64
+  paths = np.tile(np.arange(6), (n, 1))
+  scores = np.tile([1.0, 0.5, 0.4, 0.3, 0.2, 0.1], (n, 1)) * rng.uniform(0.5, 1.5, (n, 1))
+  current = dr.random_paths(rng, num_items=n, num_structure_paths=total, num_paths=2)
+  cand, cand_s = dr.candidate_lists(paths, scores, current)
+  counts = np.full(n, 5.0)
+  sizes = {}
+  for alpha in (0.0, 1e-6, 1e-4):
+    new, obj = dr.coordinate_descent(cand, cand_s, counts, current, num_structure_paths=total,
+                                     alpha=alpha, iterations=3)
+    sizes[alpha] = dr.path_statistics(new, num_structure_paths=total)["max_path_size"]
+  assert sizes[0.0] == n  # everyone on path 0
+  assert sizes[0.0] > 1.5 * sizes[1e-6] and sizes[1e-6] > 1.5 * sizes[1e-4]
+
+
+def test_random_paths_distinct_and_seeded():
+  a = dr.random_paths(np.random.default_rng(3), num_items=500, num_structure_paths=8,
+                      num_paths=3)
+  b = dr.random_paths(np.random.default_rng(3), num_items=500, num_structure_paths=8,
+                      num_paths=3)
+  np.testing.assert_array_equal(a, b)
+  assert not metrics.repeated_in_row(a).any() and a.min() >= 0 and a.max() < 8
+  c = dr.random_paths(np.random.default_rng(3), num_items=500, num_structure_paths=1000,
+                      num_paths=3)
+  assert not metrics.repeated_in_row(c).any()
+
+
+def test_path_index_and_statistics():
+  ids = np.array([[0, 3], [3, 1], [3, 0]])
+  offsets, items, largest = dr.path_index(ids, num_structure_paths=5)
+  np.testing.assert_array_equal(offsets, [0, 2, 3, 3, 6, 6])
+  np.testing.assert_array_equal(items, [0, 2, 1, 0, 1, 2])
+  assert largest == 3
+  assert dr.path_statistics(ids, num_structure_paths=5) == {
+      "max_path_size": 3, "mean_items_per_nonempty_path": 2.0, "nonempty_paths": 3,
+      "num_structure_paths": 5}
+
+
+def test_bad_settings_are_refused():
+  with pytest.raises(ValueError, match="beam_size"):
+    dr.DRConfig(width=3, depth=2, beam_size=0)
+  with pytest.raises(ValueError, match="beam_size"):
+    dr.DRConfig(width=3, depth=2, beam_size=10)
+  with pytest.raises(ValueError, match="num_paths"):
+    dr.DRConfig(width=2, depth=1, beam_size=1, top_paths=1, num_paths=3)
+  with pytest.raises(ValueError, match="too small"):
+    dr.DRConfig(width=3, depth=2, beam_size=5, top_paths=5, num_paths=2).check_corpus(19)
+  with pytest.raises(ValueError, match="user_encoder"):
+    dr.dr_config("smoke", user_encoder="lstm")
+  with pytest.raises(ValueError, match="unknown DR preset"):
+    dr.dr_config("nope")
+  for name in dr.PRESETS:
+    dr.dr_config(name)
+  assert dr.dr_config("movielens").alpha == 3e-5 and dr.dr_config("amazon_books").width == 100
+
+
+# ---- end to end on the smoke data, crash and resume -----------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  cfg = experiment.make_config("smoke", data_dir=str(tmp_path_factory.mktemp("data")))
+  ds, _ = experiment.load_data(cfg)
+  ev = experiment.evaluation_set(cfg, ds)
+  run = dict(topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len,
+             batch_size=cfg.batch_size, max_train_samples=cfg.max_train_samples)
+  return cfg, ds, ev, run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke, tmp_path_factory):
+  _, ds, ev, run = smoke
+  workdir = str(tmp_path_factory.mktemp("dr_full"))
+  return workdir, dr.run_dr(ds, ev, dr.dr_config("smoke"), workdir=workdir, **run)
+
+
+def test_run_dr_retrieves_valid_items(smoke, smoke_run):
+  _, ds, ev, run = smoke
+  _, (retrieved, seconds, settings) = smoke_run
+  assert retrieved.shape == (ev.num_users, run["topk"]) and retrieved.dtype == np.int32
+  assert ((retrieved >= 0) & (retrieved < ds.num_items)).all()
+  assert not metrics.repeated_in_row(retrieved).any()
+  assert settings["msteps"] == 1 and settings["steps"] == 2 * settings["steps_per_estep"]
+  stats = settings["path_stats"]
+  assert 1 <= stats["max_path_size"] and stats["nonempty_paths"] <= 8 ** 3
+  assert settings["candidates_per_user"]["min"] >= run["topk"]
+  assert seconds > 0
+  r20 = metrics.retrieval_metrics(retrieved, ev.label_offsets, ev.label_items,
+                                  num_items=ds.num_items, ks=(20,))["recall@20"]
+  assert r20 > 1.5 * 20 / ds.num_items  # better than random
+  json.dumps(settings)
+
+
+def test_run_dr_crash_and_resume_match(smoke, smoke_run, tmp_path):
+  _, ds, ev, run = smoke
+  _, (full, _, full_settings) = smoke_run
+  config = dr.dr_config("smoke")
+  steps = full_settings["steps_per_estep"]
+  workdir = str(tmp_path / "dr")
+  # Crash at the end of E-step 0 (before the M-step), then mid E-step 1 (after a checkpoint
+  # that is not the crash step), then finish.
+  with pytest.raises(dr.SimulatedCrash):
+    dr.run_dr(ds, ev, config, workdir=workdir, stop_after_step=steps, **run)
+  with pytest.raises(dr.SimulatedCrash):
+    dr.run_dr(ds, ev, config, workdir=workdir, stop_after_step=steps + 7, **run)
+  again, _, settings = dr.run_dr(ds, ev, config, workdir=workdir, **run)
+  assert settings["resumed_from_checkpoint"] is not None and settings["steps_run"] < steps
+  np.testing.assert_array_equal(again, full)
+  assert settings["path_stats"] == full_settings["path_stats"]
+  # Another configuration refuses the checkpoint.
+  with pytest.raises(ValueError, match="another dr run"):
+    dr.run_dr(ds, ev, dr.dr_config("smoke", alpha=0.5), workdir=workdir, **run)
