@@ -105,6 +105,7 @@ class DRConfig:
   learning_rate: float = 1e-3
   decay_rate: float = 0.9  # learning rate multiplied by this once per epoch
   score_mode: str = "sum"  # M-step scores s[v, c]: "sum" or "streaming"
+  score_current_paths: bool = True  # s[v, c] also sums the exact p(c | x) of v's current paths
   streaming_decay: float = 0.999  # eta of the streaming estimate
   cd_iterations: int = 3  # coordinate-descent sweeps per M-step
   mstep_batch_size: int = 1024  # instances per beam-search call of the M-step
@@ -398,23 +399,39 @@ def coordinate_descent(cand: np.ndarray, scores: np.ndarray, counts: np.ndarray,
 # ---- M-step: instance scoring and the whole step -------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top"))
-def _beam_instances(graphdef, params, history, *, top: int):
+def _beam_instances(graphdef, params, history, target, paths, *, top: int):
   model = nnx.merge(graphdef, params)
-  codes, logp = dr_model.beam_search_paths(model, dr_model.encode_users(model, history),
-                                           beam=top)
-  return dr_model.path_ids(codes, width=model.width), jnp.exp(logp)
+  user = dr_model.encode_users(model, history)
+  codes, logp = dr_model.beam_search_paths(model, user, beam=top)
+  ids = dr_model.path_ids(codes, width=model.width)
+  if paths is None:
+    return ids, jnp.exp(logp)
+  own = paths[jnp.maximum(target, 0)]  # [b, J, D]
+  own_ids = dr_model.path_ids(own, width=model.width)
+  own_p = jnp.exp(dr_model.path_log_probs(model, user, own))
+  seen = (own_ids[:, :, None] == ids[:, None, :]).any(axis=2)  # already in the beam
+  return (jnp.concatenate([ids, jnp.where(seen, -1, own_ids)], axis=1),
+          jnp.concatenate([jnp.exp(logp), jnp.where(seen, 0.0, own_p)], axis=1))
 
 
 def score_instances(graphdef, params, ds, samples: np.ndarray, *, history_len: int, top: int,
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Top-`top` paths of every training instance by beam search.
+                    batch_size: int, paths: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Top-`top` paths of every training instance by beam search, with p(c | x).
 
-  Returns (items int32[n], path ids int32[n, top] (-1 = none), probabilities float32[n, top]).
+  With `paths` (int32[N, J, D] codes), each instance also reports the exact probabilities of
+  its target's J current paths that the beam missed (extra columns), so the M-step values
+  an item's current paths by their true scores instead of 0.
+
+  Returns (items int32[n], path ids int32[n, W] (-1 = none), probabilities float32[n, W]),
+  W = top (+ J with `paths`).
   """
   items, ids, probs = [], [], []
+  paths_j = None if paths is None else jnp.asarray(paths, jnp.int32)
   for lo in range(0, len(samples), batch_size):
     hist, target = train_batch(ds, samples[lo:lo + batch_size], history_len)
     got_ids, got_p = _beam_instances(graphdef, params, jnp.asarray(pad_rows(hist, batch_size, -1)),
+                                     jnp.asarray(pad_rows(target, batch_size, 0)), paths_j,
                                      top=top)
     items.append(target)
     ids.append(np.asarray(got_ids)[:len(hist)])
@@ -427,12 +444,16 @@ def m_step(graphdef, params, ds, samples: np.ndarray, current: np.ndarray, confi
            history_len: int) -> tuple[np.ndarray, dict]:
   """New item paths int64[N, J] (flat ids) from the network and the current ones, plus info."""
   t0 = time.perf_counter()
+  own = (dr_model.path_codes(current, width=config.width, depth=config.depth)
+         if config.score_current_paths else None)
   items, ids, probs = score_instances(graphdef, params, ds, samples, history_len=history_len,
-                                      top=config.top_paths, batch_size=config.mstep_batch_size)
+                                      top=config.top_paths, batch_size=config.mstep_batch_size,
+                                      paths=own)
   t1 = time.perf_counter()
   estimate = aggregate_path_scores if config.score_mode == "sum" else functools.partial(
       streaming_path_scores, decay=config.streaming_decay)
-  paths, scores = estimate(items, ids, probs, num_items=ds.num_items, top=config.top_paths)
+  keep = config.top_paths + (config.num_paths if config.score_current_paths else 0)
+  paths, scores = estimate(items, ids, probs, num_items=ds.num_items, top=keep)
   cand, cand_s = candidate_lists(paths, scores, current)
   counts = np.bincount(items, minlength=ds.num_items).astype(np.float32)
   n_paths = config.num_structure_paths
