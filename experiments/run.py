@@ -45,6 +45,7 @@ flags.DEFINE_integer("tree_users_per_item", None, "Cap on the samples per item i
 flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round's tree+model.")
 flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
                   "estimator trained once per workdir.")
+flags.DEFINE_integer("otm_beam_size", None, "OTM: beam size of the training beam search.")
 flags.DEFINE_integer("synthetic_users", None, "Users of the synthetic dataset.")
 flags.DEFINE_integer("synthetic_items", None, "Items of the synthetic dataset.")
 flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
@@ -65,7 +66,7 @@ def config_from_flags() -> experiment.Config:
       tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
       tree_users_per_item=FLAGS.tree_users_per_item, forest=FLAGS.forest,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
-      rectify=FLAGS.rectify)
+      rectify=FLAGS.rectify, otm_beam_size=FLAGS.otm_beam_size)
 
 
 def main(argv):

@@ -81,8 +81,11 @@ class Config:
   tree_users_per_item: int = 20  # cap on A_i per item (seeded subsample)
   forest: bool = True  # also retrieve with the forest of every round's (tree, model)
   rectify: bool = False  # TDR(T-RL): label weights of Eq. 15 from a SASRec estimator
-  loss: str = "softmax"  # "softmax" (TDR) or "bce" (TDM/JTM binary loss, uniform negatives)
+  loss: str = "softmax"  # "softmax" (TDR), "bce" (TDM/JTM: binary loss, uniform negatives),
+  # "otm" (binary loss on beam-search nodes with pseudo targets) or "plt" (per-node binary
+  # classifiers on the positive paths and their siblings; path-product beam search)
   binary_negatives: int = 6  # negatives per level of TDM/JTM (paper sec. 8.4: 3-6)
+  otm_beam_size: int = 20  # OTM: beam of the no-gradient search that picks training nodes
   sasrec_epochs: float = 1.0
   sasrec_dim: int = 64
   synthetic_users: int = 8000
@@ -131,8 +134,10 @@ def make_config(preset: str = "default", **overrides) -> Config:
                      f"{cfg.history_len}; pass --windows that sum to --history_len")
   if cfg.tree_rounds < 1:
     raise ValueError(f"--tree_rounds={cfg.tree_rounds} must be at least 1")
-  if cfg.loss not in ("softmax", "bce"):
-    raise ValueError(f"loss={cfg.loss!r}: choose softmax or bce")
+  if cfg.loss not in ("softmax", "bce", "otm", "plt"):
+    raise ValueError(f"loss={cfg.loss!r}: choose softmax, bce, otm or plt")
+  if cfg.otm_beam_size < 1:
+    raise ValueError(f"--otm_beam_size={cfg.otm_beam_size} must be at least 1")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm"):
     raise ValueError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm or tdm")
   if cfg.beam_size < max(cfg.topk):
@@ -141,6 +146,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
 
 
 def method_label(cfg: Config) -> str:
+  if cfg.loss in ("otm", "plt"):
+    return cfg.loss.upper()
   if cfg.loss == "bce":
     return {"tdm": "TDM", "jtm": "JTM"}.get(cfg.tree_learning, "binary")
   base = {"uniform": "U", "top_down": "T"}[cfg.sampler]
@@ -270,7 +277,8 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
   binary = cfg.loss == "bce"
   step_cfg = train.StepConfig(loss=cfg.loss, sampler="uniform" if binary else cfg.sampler,
                               num_negatives=cfg.binary_negatives if binary else cfg.num_negatives,
-                              full_softmax_nodes=cfg.full_softmax_nodes)
+                              full_softmax_nodes=cfg.full_softmax_nodes,
+                              beam_size=cfg.otm_beam_size)
   step_fn = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
                                   height=height)
   ndev = mesh.devices.size
@@ -367,14 +375,17 @@ def map_user_batches(fn, arrays: Sequence[np.ndarray], *, batch_size: int, mesh:
 
 
 def retrieve(score_fn, params, tree, history: np.ndarray, *, beam_size: int, topk: int,
-             batch_size: int, mesh: Mesh) -> np.ndarray:
-  """Beam search for all users in fixed-size batches (one compilation). int32[U, topk]."""
+             batch_size: int, mesh: Mesh, path_scores: bool = False) -> np.ndarray:
+  """Beam search for all users in fixed-size batches (one compilation). int32[U, topk].
+
+  `path_scores`: rank nodes by the sum of log-sigmoids along their path (PLT)."""
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(params, replicated)
   tree_dev = jax.device_put(tree, replicated)
   return map_user_batches(
       lambda h: bs.beam_search(score_fn, params, tree_dev, h, beam_size=beam_size,
-                               topk=topk)[0], [history], batch_size=batch_size, mesh=mesh)
+                               topk=topk, path_scores=path_scores)[0], [history],
+      batch_size=batch_size, mesh=mesh)
 
 
 def result_row(method: str, retrieved: np.ndarray, ev, ds, cfg: Config, eta, *,
@@ -560,7 +571,8 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
     total_train += seconds + tree_seconds
     t0 = time.perf_counter()
     retrieved = retrieve(score_fn, params, tree, ev.history, beam_size=cfg.beam_size,
-                         topk=kmax, batch_size=cfg.eval_batch_size, mesh=mesh)
+                         topk=kmax, batch_size=cfg.eval_batch_size, mesh=mesh,
+                         path_scores=cfg.loss == "plt")
     eval_seconds = time.perf_counter() - t0
     per_tree.append(retrieved)
     models.append((tree, jax.device_get(params)))  # host copy: the next round donates params
@@ -598,10 +610,15 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
   rows = [final]
   forest_curve = []
   if cfg.forest and len(models) > 1:
+    # The discriminator ranks candidates by what the method's beam search ranks leaves by.
+    disc_fn = score_fn
+    if cfg.loss == "plt":
+      from tdr_jax import plt as plt_lib
+      disc_fn = plt_lib.path_score_fn(score_fn)
     for r in range(1, len(models) + 1):
       cand = forest_lib.union_candidates(per_tree[:r])
       disc_tree, disc_params = models[r - 1]
-      items = rerank_all(score_fn, disc_params, disc_tree, ev.history, cand, topk=kmax,
+      items = rerank_all(disc_fn, disc_params, disc_tree, ev.history, cand, topk=kmax,
                          batch_size=cfg.eval_batch_size, mesh=mesh)
       frow = result_row(f"{label} forest", items, ev, ds, cfg, eta, train_seconds=total_train,
                         settings=dict(settings, num_trees=r))
@@ -623,8 +640,16 @@ TDR_VARIANTS = {"tdr": {}, "tdr_u": dict(sampler="uniform", rectify=False),
                 # TDM/JTM: binary loss (Eq. 2) with uniform negatives per level, on the same
                 # scorer, tree learning by k-means (TDM) or by the binary log-likelihood (JTM).
                 "tdm": dict(loss="bce", sampler="uniform", rectify=False, tree_learning="tdm"),
-                "jtm": dict(loss="bce", sampler="uniform", rectify=False, tree_learning="jtm")}
-ALL_METHODS = ("tdm", "jtm", "tdr_u", "tdr_t", "tdr_t_rl", "din", "youtube_dnn", "itemcf")
+                "jtm": dict(loss="bce", sampler="uniform", rectify=False, tree_learning="jtm"),
+                # OTM: binary loss on the nodes a beam search visits, with beam-search-aware
+                # pseudo targets; trees learned as JTM's (binary matching).
+                "otm": dict(loss="otm", sampler="uniform", rectify=False, tree_learning="jtm"),
+                # PLT: node classifiers P(z_n | z_parent), trained on the positive paths and
+                # their siblings; retrieval by the product of the path's probabilities; trees
+                # by balanced k-means over the leaf embeddings (as label trees are built).
+                "plt": dict(loss="plt", sampler="uniform", rectify=False, tree_learning="tdm")}
+ALL_METHODS = ("tdm", "jtm", "otm", "plt", "tdr_u", "tdr_t", "tdr_t_rl", "din", "youtube_dnn",
+               "itemcf")
 
 
 def parse_methods(method: str) -> list[str]:
@@ -635,8 +660,7 @@ def parse_methods(method: str) -> list[str]:
   known = set(TDR_VARIANTS) | set(baselines.BASELINES)
   bad = [m for m in names if m not in known]
   if bad or not names:
-    raise ValueError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'"
-                     f" (otm, plt and dr are not implemented yet)")
+    raise ValueError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'")
   return names
 
 

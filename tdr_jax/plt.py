@@ -93,3 +93,24 @@ def plt_loss(logits: jax.Array, nodes: jax.Array, mask: jax.Array, path: jax.Arr
   targets, mask = level_targets(nodes, mask, path)
   weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), (nodes.shape[0],))
   return jax.vmap(binary_cross_entropy)(logits, targets, mask, weight)
+
+
+def path_score_fn(score_fn):
+  """Wraps a PLT scorer so a node's score is log P(z_n = 1 | x): the sum of log-sigmoids of
+  the classifiers on its path from the root (levels 1..level). Used to rerank candidate leaves
+  (the forest) with the same quantity beam search ranks by. `level` (static) is required.
+
+  Returns `fn(params, tree, history, nodes, level) -> float32[U, M]`; -1 nodes get the
+  wrapped scorer's output for -1 ancestors (mask them as with the plain scorer)."""
+
+  def fn(params, tree, history, nodes, level=None):
+    if level is None:
+      raise ValueError("path scores need the nodes' level")
+    total = jnp.zeros(nodes.shape, jnp.float32)
+    for j in range(1, level + 1):
+      anc = tree_lib.ancestor(nodes, j, branching=tree.branching)  # [U, M], -1 stays -1
+      total = total + jax.nn.log_sigmoid(
+          score_fn(params, tree, history, anc, level=j).astype(jnp.float32))
+    return total
+
+  return fn
