@@ -15,7 +15,10 @@ Paths start random (J distinct paths per item, seeded). The run alternates
 * M-step: every training instance (x, v) is beam-searched with beam S (`top_paths`); its S
   paths and probabilities p(c | x) are accumulated into s[v, c] (`score_mode="sum"`: exact
   sums, then the S best paths per item are kept; `"streaming"`: the paper's remark, a top-S
-  list per item updated instance by instance with decay eta and the min_score rule). Then
+  list per item updated instance by instance with decay eta and the min_score rule). With
+  `score_current_paths` (default, an addition to the paper) each instance also contributes
+  the exact p(c | x) of its item's J current paths, so staying put is valued by its true score
+  rather than 0 when the beam misses those paths. Then
   `cd_iterations` sweeps of coordinate descent (paper's Algorithm 2) over the items assign J
   distinct paths per item greedily by incremental gain
   N_v [log(partial + s[v, c]) - log(partial)] - alpha [f(|c| + 1) - f(|c|)], f(x) = x^4 / 4.
@@ -24,12 +27,13 @@ There are `em_rounds` M-steps and `em_rounds + 1` E-steps (the last E-step fits 
 to the final paths); `em_rounds=0` trains on random paths only.
 
 M-step cost: instance scoring is one forward pass with a beam of S over the n training
-instances (O(n D S K) layer evaluations). Aggregation ("sum") is a sort of the n S
-(item, path) pairs, O(n S log(n S)); "streaming" is a `lax.scan` over the instances, O(n S^2).
-Coordinate descent is a jitted `lax.scan` over the N items per sweep, O(T N J (S + J)) with a
-size table of K^D ints; it is exact sequential Algorithm 2 (each item sees the sizes left by
-the items before it). Measured: ~1 s per sweep per 10^5 items with S = 10, J = 3 on a 2-core
-CPU (see BUILD notes in the report), so 10^6 items take tens of seconds.
+instances (O(n D S K) layer evaluations). Aggregation ("sum") sorts the n (S + J)
+(item, path) pairs, O(n S log(n S)); "streaming" is a `lax.scan` over the instances,
+O(n S^2). Coordinate descent is a jitted `lax.scan` over the N items per sweep,
+O(T N J (S + J)) plus a size table of K^D ints; it is exact sequential Algorithm 2 (each item
+sees the sizes left by the items before it). Measured on a 2-core CPU, S = 10, J = 3: one sweep
+takes ~0.1 s for 10^5 items (K^D = 125k) and ~1.5 s for 10^6 items (K^D = 10^6); "sum"
+aggregation of 10^6 instances ~7 s, of 10^7 instances ~90 s (the sort dominates).
 
 Inference
 ---------
@@ -87,9 +91,9 @@ class DRConfig:
   subset -- are arguments of `run_dr`, shared with the other methods)."""
   width: int = 30  # K nodes per layer
   depth: int = 3  # D layers
-  beam_size: int = 100  # B paths kept by the inference beam search
+  beam_size: int = 50  # B paths kept by the inference beam search
   num_paths: int = 3  # J paths per item
-  alpha: float = 1e-3  # path-size penalty factor, f(x) = x^4 / 4
+  alpha: float = 0.5  # path-size penalty factor, f(x) = x^4 / 4
   top_paths: int = 10  # S: paths kept per training instance and per item in the M-step
   em_rounds: int = 3  # M-steps; there are em_rounds + 1 E-steps
   epochs_per_estep: float = 1.0
@@ -158,17 +162,20 @@ class DRConfig:
 
 
 # Paper sec. 4.3 for the public data sets. `synthetic`: the project's default synthetic data
-# (~5,000 items, ~200k training samples, history 20) in a few minutes on 2 CPU cores: K=30,
-# D=3 gives 27,000 paths = 5.4x the items (1.8x the 15,000 item-path slots with J=3), the
-# paper's ratio for MovieLens (125k paths for 20.7k items); alpha is scaled so that a path of
-# ~10-20 items costs about as much as the log-likelihood gap between an item's best paths;
-# beam 100 retrieves ~5-10x K=60 candidates. `smoke`: tiny, seconds (tests).
+# (~4,900 items, 200k training samples, history 20) in ~2-3 minutes on 2 CPU cores. K=30, D=3
+# gives 27,000 paths = 5.5x the items (1.8x the ~15,000 item-path slots with J=3), close to the
+# paper's MovieLens ratio (125k paths for 20.7k items). alpha=0.5: an item averages ~50
+# training instances (popular ones thousands), so N_v log-gains reach 10^2-10^4; 0.5 * df(x)
+# ~ 0.5 x^3 matches that around x = 20-30, which caps the "hub" paths of popular items at about
+# 30 items (alpha=1e-3 lets them grow past 100 and a beam of 100 paths then returns ~2,000 of
+# the ~4,900 items). B=50 then retrieves ~600 distinct candidates, ~10x the largest K=60
+# evaluated (the paper aims at 5-10x). `smoke`: tiny, seconds (tests).
 PRESETS: dict[str, dict[str, Any]] = {
     "movielens": dict(width=50, depth=3, beam_size=25, num_paths=3, alpha=3e-5, top_paths=10,
                       em_rounds=3, epochs_per_estep=1.0),
     "amazon_books": dict(width=100, depth=3, beam_size=50, num_paths=3, alpha=3e-7,
                          top_paths=10, em_rounds=3, epochs_per_estep=1.0),
-    "synthetic": dict(width=30, depth=3, beam_size=100, num_paths=3, alpha=1e-3, top_paths=10,
+    "synthetic": dict(width=30, depth=3, beam_size=50, num_paths=3, alpha=0.5, top_paths=10,
                       em_rounds=3, epochs_per_estep=1.0, embed_dim=32, user_dim=64,
                       path_dim=16, hidden=(128,), rerank_dim=32, rerank_negatives=512,
                       learning_rate=2e-3),
