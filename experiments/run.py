@@ -42,6 +42,9 @@ flags.DEFINE_integer("tree_rounds", None, "Trees learned in turn with the model 
 flags.DEFINE_enum("tree_learning", None, ["tdr", "jtm", "tdm"], "Tree update between rounds.")
 flags.DEFINE_integer("tree_gap", None, "Layer gap d of tree learning (paper: 7).")
 flags.DEFINE_integer("tree_users_per_item", None, "Cap on the samples per item in tree learning.")
+flags.DEFINE_enum("tree_assignment", None, ["greedy", "priced"],
+                  "Capacity rule of tree learning: the paper's greedy pass on the matching "
+                  "scores, or the same pass on scores minus Sinkhorn capacity prices (default).")
 flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round's tree+model.")
 flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
                   "estimator trained once per workdir.")
@@ -64,7 +67,8 @@ def config_from_flags() -> experiment.Config:
       max_train_samples=FLAGS.max_train_samples, max_eval_users=FLAGS.max_eval_users,
       checkpoint_every=FLAGS.checkpoint_every, tree_rounds=FLAGS.tree_rounds,
       tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
-      tree_users_per_item=FLAGS.tree_users_per_item, forest=FLAGS.forest,
+      tree_users_per_item=FLAGS.tree_users_per_item, tree_assignment=FLAGS.tree_assignment,
+      forest=FLAGS.forest,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
       rectify=FLAGS.rectify, otm_beam_size=FLAGS.otm_beam_size)
 

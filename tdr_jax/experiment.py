@@ -79,6 +79,8 @@ class Config:
   tree_learning: str = "tdr"  # "tdr" (Eq. 24), "jtm" (binary log-likelihood) or "tdm" (k-means)
   tree_gap: int = 7  # layer gap d
   tree_users_per_item: int = 20  # cap on A_i per item (seeded subsample)
+  tree_assignment: str = "priced"  # "greedy" (paper's rule on Eq. 24) or "priced" (same rule
+  # on Eq. 24 minus the capacities' Sinkhorn prices; see tree_learning.capacity_prices)
   forest: bool = True  # also retrieve with the forest of every round's (tree, model)
   rectify: bool = False  # TDR(T-RL): label weights of Eq. 15 from a SASRec estimator
   loss: str = "softmax"  # "softmax" (TDR), "bce" (TDM/JTM: binary loss, uniform negatives),
@@ -138,6 +140,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
     raise ValueError(f"loss={cfg.loss!r}: choose softmax, bce, otm or plt")
   if cfg.otm_beam_size < 1:
     raise ValueError(f"--otm_beam_size={cfg.otm_beam_size} must be at least 1")
+  if cfg.tree_assignment not in ("greedy", "priced"):
+    raise ValueError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm"):
     raise ValueError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm or tdm")
   if cfg.beam_size < max(cfg.topk):
@@ -478,7 +482,8 @@ def next_tree(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_f
     hist, _ = train_batch(ds, samples[pair_sample], cfg.history_len)
     new = tree_learning.learn_tree_tdr(
         score_fn, params, tree, hist.astype(np.int32), pair_item, gap=cfg.tree_gap,
-        matching="binary" if cfg.tree_learning == "jtm" else "softmax")
+        matching="binary" if cfg.tree_learning == "jtm" else "softmax",
+        assignment=cfg.tree_assignment)
   return new, time.perf_counter() - t0
 
 

@@ -366,6 +366,75 @@ def _step_scores(params, tree, hist, pair_item, pair_row, row_item, pos, caps, *
     return acc, margin, first, finite
 
 
+@functools.partial(jax.jit, static_argnames=("num_groups", "iterations"))
+def _sinkhorn_prices(scores, group, log_cap, *, temperature, tol, num_groups, iterations):
+    """Log-domain Sinkhorn with row masses 1 and slot masses <= capacity (see
+    :func:`capacity_prices`). Returns ``(g float32[G, C] <= 0, iterations run)``."""
+    neg = jnp.float32(-jnp.inf)
+    open_slot = jnp.isfinite(log_cap)  # [G, C] slots that can hold items
+    s = scores / temperature  # [M, C]
+
+    def body(carry):
+        g, _, it = carry
+        a = jnp.where(open_slot[group], s + g[group], neg)  # [M, C]
+        f = -jax.nn.logsumexp(a, axis=1)  # [M] rows normalised to mass 1
+        b = jnp.where(open_slot[group], s + f[:, None], neg)
+        # Per-group column log-sum-exp over the group's rows.
+        mx = jax.ops.segment_max(b, group, num_segments=num_groups)  # [G, C]
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        tot = jax.ops.segment_sum(jnp.exp(b - mx[group]), group, num_segments=num_groups)
+        lse = jnp.log(tot) + mx  # -inf where no row can take the slot
+        g_new = jnp.where(open_slot, jnp.minimum(0.0, log_cap - lse), 0.0)
+        delta = jnp.max(jnp.abs(g_new - g))
+        return g_new, delta, it + 1
+
+    def cond(carry):
+        _, delta, it = carry
+        return (it < iterations) & (delta > tol)
+
+    g0 = jnp.zeros(log_cap.shape, jnp.float32)
+    g, _, it = jax.lax.while_loop(cond, body, (g0, jnp.float32(jnp.inf), jnp.int32(0)))
+    return g * temperature, it
+
+
+def capacity_prices(scores, group, capacity, *, temperature: float = 1.0,
+                    iterations: int = 300, tol: float = 1e-3) -> tuple[np.ndarray, int]:
+    """Prices of the capacity constraints of the assignment problem of one level step.
+
+    The problem is: give every row (item) one slot of its group (its level-``l`` node's
+    candidates) maximising the total score, with at most ``capacity`` rows per slot. Its
+    entropy-regularised relaxation (temperature ``tau``) is solved by Sinkhorn iterations in
+    the log domain (row masses 1, slot masses at most the capacity, so only over-demanded
+    slots get a price); the result is the slot prices ``p = -g >= 0``, in score units.
+    Subtracting them removes what every row of a group wants alike (e.g. a popular node
+    that every item's users favour), leaving each row's *relative* preference, so that the
+    greedy pass of :func:`greedy_assign` on ``scores - p`` meets few full slots and lands
+    close to the optimal assignment (measured against an exact solver in BUILD_NOTES.md).
+
+    Args:
+      scores: ``float[M, C]``; ``-inf`` where the row must not go.
+      group: ``int[M]`` group of each row, in ``[0, G)``.
+      capacity: ``int[G, C]``.
+      temperature: ``tau`` in score units; smaller is closer to the exact optimum and
+        converges more slowly.
+      iterations: maximum Sinkhorn iterations; ``tol``: stop when no potential moves by
+        more than ``tol`` (in units of ``tau``).
+    Returns:
+      ``(prices float32[G, C] >= 0, iterations run)``.
+    """
+    sc = np.asarray(scores, dtype=np.float32)
+    cap = np.asarray(capacity)
+    grp = np.asarray(group).astype(np.int32)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with np.errstate(divide="ignore"):
+        log_cap = np.log(cap.astype(np.float64)).astype(np.float32)  # -inf: closed slot
+    g, it = _sinkhorn_prices(jnp.asarray(sc), jnp.asarray(grp), jnp.asarray(log_cap),
+                             temperature=jnp.float32(temperature), tol=jnp.float32(tol),
+                             num_groups=int(cap.shape[0]), iterations=int(iterations))
+    return -np.asarray(g), int(it)
+
+
 # --------------------------------------------------------------------------
 # TDR / JTM tree learning
 # --------------------------------------------------------------------------
@@ -382,6 +451,8 @@ def learn_tree_tdr(
     batch_size: int | None = None,
     matching: str = "softmax",
     path_levels: bool = False,
+    assignment: str = "priced",
+    temperature: float = 1.0,
     chunk: int | None = None,
     return_stats: bool = False,
 ):
@@ -398,6 +469,10 @@ def learn_tree_tdr(
         <= 65536 / candidates, at least 8).
       matching: ``"softmax"`` (TDR, Eq. 24) or ``"binary"`` (JTM, log sigmoid).
       path_levels: also count the candidates' ancestors at the levels inside the gap.
+      assignment: ``"greedy"``: the greedy rule on the matching scores themselves;
+        ``"priced"`` (default): the same greedy rule on the scores minus the capacity prices
+        of :func:`capacity_prices` (see the module docstring).
+      temperature: Sinkhorn temperature of ``"priced"``, in score units.
       chunk: rows per node per round of :func:`greedy_assign` (result-neutral).
       return_stats: also return a dict of per-step timings and counts.
 
@@ -406,6 +481,8 @@ def learn_tree_tdr(
     """
     if matching not in ("softmax", "binary"):
         raise ValueError(f"matching must be 'softmax' or 'binary', got {matching!r}")
+    if assignment not in ("greedy", "priced"):
+        raise ValueError(f"assignment must be 'greedy' or 'priced', got {assignment!r}")
     gap = int(gap)
     if gap < 1:
         raise ValueError(f"gap must be >= 1, got {gap}")
@@ -482,14 +559,22 @@ def learn_tree_tdr(
                 raise FloatingPointError(
                     f"non-finite matching scores in level step {level} -> {nxt} (NaN/inf from "
                     "the scorer?)")
-            s_slot, rem = greedy_assign(sc, pos[scored], cap, priority=margin,
-                                        first_choice=first, chunk=chunk)
+            iters = 0
+            if assignment == "priced":
+                prices, iters = capacity_prices(sc, pos[scored], cap, temperature=temperature)
+                # Margins and first choices of the priced scores (recomputed by the pass).
+                s_slot, rem = greedy_assign(sc - prices[pos[scored]], pos[scored], cap,
+                                            chunk=chunk)
+            else:
+                s_slot, rem = greedy_assign(sc, pos[scored], cap, priority=margin,
+                                            first_choice=first, chunk=chunk)
             slot[scored] = s_slot
         if unscored.size:
             slot[unscored] = _fill_free_slots(rem, pos[unscored], old_leaf[unscored])
         t2 = time.perf_counter()
         stats["steps"].append({"from": level, "to": nxt, "candidates": n_cand,
-                               "batch_size": bs, "score_s": t1 - t0, "assign_s": t2 - t1})
+                               "batch_size": bs, "score_s": t1 - t0, "assign_s": t2 - t1,
+                               "sinkhorn_iterations": iters if num_rows else 0})
         pos = pos * n_cand + slot
     new_tree = tree_lib.from_item_to_leaf(pos.astype(np.int32), branching=b, num_items=n)
     return (new_tree, stats) if return_stats else new_tree

@@ -101,7 +101,8 @@ def test_fig2_example_next_best_and_capacities():
     table[e, 11], table[f, 11] = 2.0, 3.0  # both want leaf 4; f (margin 3) first
     table[g, 14], table[h, 13] = 2.0, 2.0
     hist, items = pairs_from_users([[u] for u in range(8)])
-    new = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=2)
+    new = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=2,
+                            assignment="greedy")
     tree_lib.validate(new)
     np.testing.assert_array_equal(new.item_to_leaf, [1, 0, 2, 3, 5, 4, 7, 6])
     # f's ranking of the level-2 nodes is 3 > 5 > ...; it ended under its second choice.
@@ -132,7 +133,7 @@ def test_unbalanced_sizes_match_reference(branching, gap, matching):
     users[4], users[9] = [], []
     hist, items = pairs_from_users(users)
     new = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=gap,
-                            matching=matching, batch_size=8)
+                            matching=matching, batch_size=8, assignment="greedy")
     tree_lib.validate(new)
     np.testing.assert_array_equal(new.item_to_leaf,
                                   reference_learn(table, users, tree, gap, matching))
@@ -191,7 +192,8 @@ def planted_table(target: tree_lib.Tree, users_per_item: int, rng, strength=4.0)
 
 @pytest.mark.parametrize("n,branching", [(16, 2), (27, 3), (11, 2)])
 @pytest.mark.parametrize("matching", ["softmax", "binary"])
-def test_recovers_planted_permutation(n, branching, matching):
+@pytest.mark.parametrize("assignment", ["greedy", "priced"])
+def test_recovers_planted_permutation(n, branching, matching, assignment):
     rng = np.random.default_rng(n)
     target = tree_lib.build_random(rng, n, branching=branching)
     start = tree_lib.build_random(rng, n, branching=branching)
@@ -200,7 +202,7 @@ def test_recovers_planted_permutation(n, branching, matching):
     hist, items = pairs_from_users(users)
     for gap in (2, target.height):
         new = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), start, hist, items,
-                                gap=gap, matching=matching)
+                                gap=gap, matching=matching, assignment=assignment)
         np.testing.assert_array_equal(new.item_to_leaf, target.item_to_leaf)
 
 
@@ -223,9 +225,10 @@ def test_binary_matching_differs_from_softmax():
     table[0, 1:] = [5.0, 0.0]  # user 0 of item 0: node 1 by far
     table[1, 1:] = [-3.0, 0.0]  # user 1 of item 0: node 2, both scores low
     hist, items = pairs_from_users([[0, 1], [2]])
-    soft = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=1)
+    soft = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=1,
+                             assignment="greedy")
     binary = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=1,
-                               matching="binary")
+                               matching="binary", assignment="greedy")
     # softmax: node 1 = -3.05 vs node 2 = -5.05; binary: node 1 = -3.05 vs node 2 = -1.39.
     np.testing.assert_array_equal(soft.item_to_leaf, [0, 1])
     np.testing.assert_array_equal(binary.item_to_leaf, [1, 0])
@@ -249,6 +252,85 @@ def test_din_scorer_end_to_end():
     again = tl.learn_tree_tdr(score_fn, params, tree, hist[pair_sample], pair_item, gap=3,
                               batch_size=32)
     np.testing.assert_array_equal(again.item_to_leaf, new.item_to_leaf)  # batch-size neutral
+
+
+# ---------------------------------------------------------------- capacity prices
+
+
+def popular_node_instance(rng, *, groups=3, slots=4, per_slot=3, offset=8.0):
+    """Rows with a planted home slot (+2) under a large per-slot offset every row shares.
+
+    Returns (scores [M, C], group [M], capacity [G, C], home [M])."""
+    m_per_group = slots * per_slot
+    group = np.repeat(np.arange(groups), m_per_group)
+    home = np.tile(np.repeat(np.arange(slots), per_slot), groups)
+    rng_perm = rng.permutation(group.size)
+    group, home = group[rng_perm], home[rng_perm]
+    shared = offset * rng.random((groups, slots))  # what every row of a group wants alike
+    scores = shared[group] + 0.3 * rng.standard_normal((group.size, slots))
+    scores[np.arange(group.size), home] += 2.0
+    capacity = np.full((groups, slots), per_slot)
+    return scores.astype(np.float32), group, capacity, home
+
+
+def exact_assignment(scores, group, capacity):
+    """Optimal capacity-constrained assignment by expanding slots (scipy)."""
+    from scipy.optimize import linear_sum_assignment
+    slot = np.full(len(group), -1)
+    for g in range(capacity.shape[0]):
+        rows = np.flatnonzero(group == g)
+        cols = np.repeat(np.arange(capacity.shape[1]), capacity[g])
+        r, c = linear_sum_assignment(-scores[rows][:, cols])
+        slot[rows[r]] = cols[c]
+    return slot
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_priced_assignment_removes_shared_popularity(seed):
+    """Every row wants the same popular slot; prices cancel it and the priced greedy pass
+    finds the optimal assignment (each row at home), where the plain greedy pass does not."""
+    rng = np.random.default_rng(seed)
+    scores, group, capacity, home = popular_node_instance(rng)
+    exact = exact_assignment(scores, group, capacity)
+    np.testing.assert_array_equal(exact, home)
+    prices, iters = tl.capacity_prices(scores, group, capacity)  # converges (tol) at tau=1
+    assert 0 < iters < 300 and (prices >= 0).all()
+    priced, _ = tl.greedy_assign(scores - prices[group], group, capacity)
+    np.testing.assert_array_equal(priced, home)
+    plain, _ = tl.greedy_assign(scores, group, capacity)
+    assert np.mean(plain == home) < 0.8
+    obj = lambda slot: scores[np.arange(len(slot)), slot].sum()  # noqa: E731
+    assert obj(plain) < obj(priced) - 1.0
+
+
+def test_prices_zero_without_contention():
+    """When the rows' favourite slots never exceed capacity, nothing gets a price."""
+    scores = np.array([[3.0, 0.0, -1.0], [0.0, 2.0, 0.0], [-5.0, 0.0, 1.0]], np.float32)
+    group = np.zeros(3, int)
+    capacity = np.array([[1, 1, 2]])
+    prices, _ = tl.capacity_prices(scores, group, capacity, temperature=0.05)
+    np.testing.assert_allclose(prices, 0.0, atol=1e-3)
+    # A closed slot (capacity 0) is never chosen and carries no price.
+    capacity0 = np.array([[2, 0, 2]])
+    prices0, _ = tl.capacity_prices(scores, group, capacity0, temperature=0.05)
+    assert prices0[0, 1] == 0.0
+    slot, _ = tl.greedy_assign(np.where(capacity0[0] > 0, scores, -np.inf) - prices0[group],
+                               group, capacity0)
+    assert 1 not in slot
+
+
+def test_priced_tree_learning_on_popular_nodes():
+    """learn_tree_tdr end to end: users of every item also favour one popular path; the
+    priced pass still recovers the planted tree."""
+    rng = np.random.default_rng(3)
+    target = tree_lib.build_random(rng, 16, branching=2)
+    start = tree_lib.build_random(rng, 16, branching=2)
+    table, users = planted_table(target, 2, rng, strength=2.0)
+    table[:, target.item_paths[0]] += 3.0  # item 0's path is popular with every user
+    hist, items = pairs_from_users(users)
+    new = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), start, hist, items, gap=4,
+                            assignment="priced")
+    np.testing.assert_array_equal(new.item_to_leaf, target.item_to_leaf)
 
 
 # ---------------------------------------------------------------- pairs, TDM, purity
