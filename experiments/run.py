@@ -22,7 +22,8 @@ flags.DEFINE_string("dataset", "synthetic", "synthetic, movielens, tmall, taobao
                     "mind or csv.")
 flags.DEFINE_string("data_dir", None, "Folder of the raw files (and the preprocessing cache); "
                     "default data/<dataset>.")
-flags.DEFINE_string("method", "tdr", "Retrieval method.")
+flags.DEFINE_string("method", "tdr", "Retrieval method(s), comma-separated, or 'all': tdr, "
+                    "tdr_u, tdr_t, tdr_t_rl, tdm, jtm, otm, plt, dr, din, youtube_dnn, itemcf.")
 flags.DEFINE_enum("sampler", None, ["uniform", "top_down"], "Negative sampler (default top_down).")
 flags.DEFINE_integer("num_negatives", None, "Negatives per level (paper: 70).")
 flags.DEFINE_integer("beam_size", None, "Beam size k (paper: 150).")
@@ -49,6 +50,11 @@ flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round'
 flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
                   "estimator trained once per workdir.")
 flags.DEFINE_integer("otm_beam_size", None, "OTM: beam size of the training beam search.")
+flags.DEFINE_string("dr_preset", None, "Deep Retrieval settings: movielens, amazon_books, "
+                    "synthetic or smoke (default: by dataset).")
+flags.DEFINE_float("dr_alpha", None, "Deep Retrieval path-size penalty alpha.")
+flags.DEFINE_integer("dr_beam_size", None, "Deep Retrieval inference beam (paths).")
+flags.DEFINE_integer("dr_em_rounds", None, "Deep Retrieval M-steps.")
 flags.DEFINE_integer("synthetic_users", None, "Users of the synthetic dataset.")
 flags.DEFINE_integer("synthetic_items", None, "Items of the synthetic dataset.")
 flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
@@ -70,7 +76,8 @@ def config_from_flags() -> experiment.Config:
       tree_users_per_item=FLAGS.tree_users_per_item, tree_assignment=FLAGS.tree_assignment,
       forest=FLAGS.forest,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
-      rectify=FLAGS.rectify, otm_beam_size=FLAGS.otm_beam_size)
+      rectify=FLAGS.rectify, otm_beam_size=FLAGS.otm_beam_size, dr_preset=FLAGS.dr_preset,
+      dr_alpha=FLAGS.dr_alpha, dr_beam_size=FLAGS.dr_beam_size, dr_em_rounds=FLAGS.dr_em_rounds)
 
 
 def main(argv):

@@ -90,6 +90,10 @@ class Config:
   otm_beam_size: int = 20  # OTM: beam of the no-gradient search that picks training nodes
   sasrec_epochs: float = 1.0
   sasrec_dim: int = 64
+  dr_preset: str = ""  # Deep Retrieval settings (tdr_jax.dr.PRESETS); "" = by dataset/preset
+  dr_alpha: float = -1.0  # DR path-size penalty; < 0 = the DR preset's
+  dr_beam_size: int = 0  # DR paths kept by the inference beam; 0 = the DR preset's
+  dr_em_rounds: int = -1  # DR M-steps; < 0 = the DR preset's
   synthetic_users: int = 8000
   synthetic_items: int = 5000
 
@@ -140,6 +144,10 @@ def make_config(preset: str = "default", **overrides) -> Config:
     raise ValueError(f"loss={cfg.loss!r}: choose softmax, bce, otm or plt")
   if cfg.otm_beam_size < 1:
     raise ValueError(f"--otm_beam_size={cfg.otm_beam_size} must be at least 1")
+  if cfg.dr_preset:
+    from tdr_jax import dr as dr_lib
+    if cfg.dr_preset not in dr_lib.PRESETS:
+      raise ValueError(f"--dr_preset={cfg.dr_preset!r}: choose from {sorted(dr_lib.PRESETS)}")
   if cfg.tree_assignment not in ("greedy", "priced"):
     raise ValueError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm"):
@@ -653,8 +661,46 @@ TDR_VARIANTS = {"tdr": {}, "tdr_u": dict(sampler="uniform", rectify=False),
                 # their siblings; retrieval by the product of the path's probabilities; trees
                 # by balanced k-means over the leaf embeddings (as label trees are built).
                 "plt": dict(loss="plt", sampler="uniform", rectify=False, tree_learning="tdm")}
-ALL_METHODS = ("tdm", "jtm", "otm", "plt", "tdr_u", "tdr_t", "tdr_t_rl", "din", "youtube_dnn",
-               "itemcf")
+ALL_METHODS = ("tdm", "jtm", "otm", "plt", "tdr_u", "tdr_t", "tdr_t_rl", "dr", "din",
+               "youtube_dnn", "itemcf")
+
+
+def dr_settings(cfg: Config):
+  """The DRConfig of a run: `--dr_preset` (default: the dataset's paper preset for MovieLens
+  and Amazon Books, `smoke` under the smoke preset, else `synthetic`) with the DR flags."""
+  from tdr_jax import dr as dr_lib
+  preset = cfg.dr_preset
+  if not preset:
+    if cfg.preset == "smoke":
+      preset = "smoke"
+    elif cfg.dataset.startswith("movielens"):
+      preset = "movielens"
+    elif cfg.dataset == "amazon_books":
+      preset = "amazon_books"
+    else:
+      preset = "synthetic"
+  return preset, dr_lib.dr_config(
+      preset, alpha=cfg.dr_alpha if cfg.dr_alpha >= 0 else None,
+      beam_size=cfg.dr_beam_size or None,
+      em_rounds=cfg.dr_em_rounds if cfg.dr_em_rounds >= 0 else None)
+
+
+def _run_dr(cfg: Config, workdir: str, ds, ev, eta) -> dict:
+  """Deep Retrieval (tdr_jax.dr) as one results row."""
+  from tdr_jax import dr as dr_lib
+  preset, dcfg = dr_settings(cfg)
+  try:
+    retrieved, seconds, settings = dr_lib.run_dr(
+        ds, ev, dcfg, topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len,
+        batch_size=cfg.batch_size, max_train_samples=cfg.max_train_samples, workdir=workdir,
+        stop_after_step=cfg.stop_after_step)
+  except dr_lib.SimulatedCrash as e:
+    raise SimulatedCrash(str(e)) from e
+  settings["dr_preset"] = preset
+  row = result_row("DR", retrieved, ev, ds, cfg, eta, train_seconds=seconds, settings=settings)
+  ps, cand = settings["path_stats"], settings["candidates_per_user"]
+  print(f"DR ({preset}): {ps}; candidates per user {cand}")
+  return row
 
 
 def parse_methods(method: str) -> list[str]:
@@ -662,7 +708,7 @@ def parse_methods(method: str) -> list[str]:
   if names == ["all"]:
     names = list(ALL_METHODS)
   from tdr_jax import baselines
-  known = set(TDR_VARIANTS) | set(baselines.BASELINES)
+  known = set(TDR_VARIANTS) | set(baselines.BASELINES) | {"dr"}
   bad = [m for m in names if m not in known]
   if bad or not names:
     raise ValueError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'")
@@ -698,6 +744,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       if not estimator_rows:
         estimator_rows = out["estimator_rows"]
       per_method[out["label"]] = out
+    elif name == "dr":
+      rows.append(_run_dr(cfg, wd, ds, ev, eta))
+      print(format_table(rows[-1:], cfg.topk))
     else:
       from tdr_jax import baselines
       options = {}

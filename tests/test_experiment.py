@@ -143,15 +143,30 @@ def test_rectified_run(data_dir, tmp_path):
   assert methods[0] == "TDR(T-RL)" and "SASRec (estimator)" in methods
 
 
-def test_method_list_one_table(data_dir, tmp_path):
-  cfg = experiment.make_config("smoke", data_dir=data_dir, method="tdr_u,jtm,itemcf",
-                               tree_rounds=1)
+def test_all_methods_one_table(data_dir, tmp_path):
+  """`--method=all` at smoke sizes: every method trains and retrieves; one table."""
+  cfg = experiment.make_config("smoke", data_dir=data_dir, method="all", tree_rounds=1)
   results = experiment.train_and_evaluate(cfg, str(tmp_path))
   methods = [r["method"] for r in results["results"]]
-  assert methods == ["TDR(U)", "JTM", "Item-CF", "oracle", "random"]
+  assert methods == ["TDM", "JTM", "OTM", "PLT", "TDR(U)", "TDR(T)", "TDR(T-RL)", "DR", "DIN",
+                     "YouTubeDNN", "Item-CF", "SASRec (estimator)", "oracle", "random"]
   keys = set(results["results"][0])
   assert all(set(r) == keys for r in results["results"])
-  assert os.path.isdir(tmp_path / "tdr_u")  # per-method workdirs in a multi-method run
-  with pytest.raises(ValueError, match="not implemented yet"):
+  for r in results["results"][:-2]:
+    assert r["train_seconds"] > 0, r["method"]
+  # Retrieval happened: better than nothing, never above the Bayes-optimal retriever.
+  oracle = results["results"][-2]
+  for r in results["results"][:-2]:
+    assert 0.0 < r["recall@20"] <= 1.0 and r["oracle_ratio@20"] <= 1.0 + 1e-9, r["method"]
+    assert r["f_measure@20"] <= oracle["f_measure@20"] + 1e-9, r["method"]
+  dr_row = results["results"][methods.index("DR")]
+  assert dr_row["settings"]["dr_preset"] == "smoke"
+  assert dr_row["settings"]["path_stats"]["max_path_size"] >= 1
+  assert os.path.isdir(tmp_path / "tdr_u") and os.path.isdir(tmp_path / "dr")
+  md = open(tmp_path / "results.md").read()
+  assert "| OTM |" in md and "| PLT |" in md and "| DR |" in md
+  with pytest.raises(ValueError, match="unknown"):
     experiment.train_and_evaluate(
-        experiment.make_config("smoke", data_dir=data_dir, method="otm"), str(tmp_path / "x"))
+        experiment.make_config("smoke", data_dir=data_dir, method="tdr,nope"), str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="dr_preset"):
+    experiment.make_config("smoke", dr_preset="nope")
