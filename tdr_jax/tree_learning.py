@@ -398,7 +398,7 @@ def _sinkhorn_prices(scores, group, log_cap, *, temperature, tol, num_groups, it
 
 
 def capacity_prices(scores, group, capacity, *, temperature: float = 1.0,
-                    iterations: int = 300, tol: float = 1e-3) -> tuple[np.ndarray, int]:
+                    iterations: int = 100, tol: float = 1e-3) -> tuple[np.ndarray, int]:
     """Prices of the capacity constraints of the assignment problem of one level step.
 
     The problem is: give every row (item) one slot of its group (its level-``l`` node's
