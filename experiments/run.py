@@ -40,7 +40,8 @@ flags.DEFINE_integer("max_eval_users", None, "Evaluate on the first N test users
 flags.DEFINE_integer("checkpoint_every", None, "Checkpoint period in steps.")
 flags.DEFINE_integer("tree_rounds", None, "Trees learned in turn with the model (JTM Alg. 1); "
                      "1 = keep the initial category tree.")
-flags.DEFINE_enum("tree_learning", None, ["tdr", "jtm", "tdm"], "Tree update between rounds.")
+flags.DEFINE_enum("tree_learning", None, ["tdr", "jtm", "tdm", "none"],
+                  "Tree update between rounds (none: keep the initial tree, the control).")
 flags.DEFINE_integer("tree_gap", None, "Layer gap d of tree learning (paper: 7).")
 flags.DEFINE_integer("tree_users_per_item", None, "Cap on the samples per item in tree learning.")
 flags.DEFINE_enum("tree_assignment", None, ["greedy", "priced"],

@@ -76,7 +76,8 @@ class Config:
   log_every: int = 50  # steps between host syncs (loss checks, progress)
   stop_after_step: int = 0  # testing: SimulatedCrash after this global step, all rounds (0 = off)
   tree_rounds: int = 1  # trees learned in turn with the model (JTM Algorithm 1); 1 = no learning
-  tree_learning: str = "tdr"  # "tdr" (Eq. 24), "jtm" (binary log-likelihood) or "tdm" (k-means)
+  tree_learning: str = "tdr"  # "tdr" (Eq. 24), "jtm" (binary log-likelihood), "tdm" (k-means)
+  # or "none" (keep the initial tree: the control for what tree learning adds over rounds)
   tree_gap: int = 7  # layer gap d
   tree_users_per_item: int = 20  # cap on A_i per item (seeded subsample)
   tree_assignment: str = "priced"  # "greedy" (paper's rule on Eq. 24) or "priced" (same rule
@@ -150,8 +151,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
       raise ValueError(f"--dr_preset={cfg.dr_preset!r}: choose from {sorted(dr_lib.PRESETS)}")
   if cfg.tree_assignment not in ("greedy", "priced"):
     raise ValueError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
-  if cfg.tree_learning not in ("tdr", "jtm", "tdm"):
-    raise ValueError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm or tdm")
+  if cfg.tree_learning not in ("tdr", "jtm", "tdm", "none"):
+    raise ValueError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm, tdm or none")
   if cfg.beam_size < max(cfg.topk):
     raise ValueError(f"--beam_size={cfg.beam_size} must be at least max(--topk)={max(cfg.topk)}")
   return cfg
@@ -478,6 +479,8 @@ def next_tree(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_f
               round_index: int) -> tuple[tree_lib.Tree, float]:
   """One tree update with the model fixed (TDR sec. 6 / JTM / TDM). Returns (tree, seconds)."""
   t0 = time.perf_counter()
+  if cfg.tree_learning == "none":  # the control: rounds only continue training
+    return tree, 0.0
   if cfg.tree_learning == "tdm":
     emb = np.asarray(params["embed"]["embedding"][...])
     new = tree_learning.learn_tree_tdm(np.random.default_rng([cfg.seed, 17, round_index]), emb,
