@@ -228,3 +228,35 @@ def test_beam_search_masks_empty_leaves():
   got = np.asarray(items[0])
   assert sorted(got[got >= 0].tolist()) == list(range(5))
   assert np.sum(got == -1) == 3
+
+
+def test_binary_loss_targets_are_every_ancestor(small_tree):
+  """TDM/JTM (Eq. 2): at every level 1..H the positive's ancestor has target 1 and each of the
+  m uniform negatives target 0. With a table scorer giving ancestors a_j and every other node
+  b_j, the loss is exactly sum_j softplus(-a_j) + m softplus(b_j), whatever nodes are drawn."""
+  from tdr_jax import train
+  tree, m = small_tree, 5
+  h = tree.height
+  a = np.linspace(-1.0, 2.0, h).astype(np.float32)  # ancestors' logits per level
+  b = np.linspace(0.5, -1.5, h).astype(np.float32)  # every other node's logits per level
+  items = np.array([0, 3, 7, 10])
+  levels_of = np.asarray(tree_lib.node_level(np.arange(tree.num_nodes), branching=2))
+  table = np.zeros((len(items), tree.num_nodes), np.float32)
+  for u, y in enumerate(items):
+    lv = np.clip(levels_of, 1, h) - 1
+    table[u] = b[lv]
+    path = tree.item_paths[y, 1:]
+    table[u, path] = a
+  batch = train.Batch(history=jnp.asarray(np.stack([[-1, u] for u in range(len(items))]),
+                                          jnp.int32),
+                      target=jnp.asarray(items, jnp.int32),
+                      weight=jnp.ones((len(items), h), jnp.float32),
+                      mask=jnp.ones(len(items), bool))
+  cfg = train.StepConfig(loss="bce", sampler="uniform", num_negatives=m)
+  loss_fn = train.make_loss_fn(table_score, cfg, branching=2, height=h)
+  loss, metrics = jax.jit(loss_fn)(jnp.asarray(table), batch, tree, sampling.level_index(tree),
+                                   jax.random.key(1))
+  softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731
+  want = softplus(-a) + m * softplus(b)  # per level
+  np.testing.assert_allclose(np.asarray(metrics["level_loss"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want.sum(), rtol=1e-5)
