@@ -51,6 +51,8 @@ flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round'
 flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
                   "estimator trained once per workdir.")
 flags.DEFINE_integer("otm_beam_size", None, "OTM: beam size of the training beam search.")
+flags.DEFINE_float("sasrec_epochs", None, "Epochs of the SASRec estimator of --rectify.")
+flags.DEFINE_integer("sasrec_dim", None, "Width of the SASRec estimator of --rectify.")
 flags.DEFINE_string("dr_preset", None, "Deep Retrieval settings: movielens, amazon_books, "
                     "synthetic or smoke (default: by dataset).")
 flags.DEFINE_float("dr_alpha", None, "Deep Retrieval path-size penalty alpha.")
@@ -78,7 +80,8 @@ def config_from_flags() -> experiment.Config:
       forest=FLAGS.forest,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
       rectify=FLAGS.rectify, otm_beam_size=FLAGS.otm_beam_size, dr_preset=FLAGS.dr_preset,
-      dr_alpha=FLAGS.dr_alpha, dr_beam_size=FLAGS.dr_beam_size, dr_em_rounds=FLAGS.dr_em_rounds)
+      dr_alpha=FLAGS.dr_alpha, dr_beam_size=FLAGS.dr_beam_size, dr_em_rounds=FLAGS.dr_em_rounds,
+      sasrec_epochs=FLAGS.sasrec_epochs, sasrec_dim=FLAGS.sasrec_dim)
 
 
 def main(argv):
