@@ -293,3 +293,24 @@ def test_train_step_decreases_loss(din_setup, loss):
 def test_unknown_loss_rejected():
   with pytest.raises(ValueError, match="unknown loss"):
     train.make_loss_fn(table_score, train.StepConfig(loss="nope"), branching=2, height=3)
+
+
+def test_plt_path_score_fn_reranks_by_path_products(tree8):
+  """The PLT forest discriminator scores a leaf by its path log-probability, the quantity
+  the path-product beam search ranks by (not the leaf classifier's own logit)."""
+  from tdr_jax import forest
+  t = tree8
+  num_users = 3
+  table = (2 * np.random.default_rng(7).normal(size=(num_users, t.parent.shape[0]))
+           ).astype(np.float32)
+  logp = path_log_probs(t, table)  # [U, items]
+  fn = plt.path_score_fn(table_score)
+  leaves = jnp.asarray(np.broadcast_to(t.item_paths[:, t.height], (num_users, t.num_items)))
+  got = fn(jnp.asarray(table), t, user_history(num_users), leaves, level=t.height)
+  np.testing.assert_allclose(np.asarray(got), logp, rtol=1e-5, atol=1e-6)
+  cand = jnp.asarray(np.broadcast_to(np.arange(t.num_items), (num_users, t.num_items)))
+  items, _ = forest.rerank(fn, jnp.asarray(table), t, user_history(num_users), cand, topk=3)
+  np.testing.assert_array_equal(np.asarray(items),
+                                np.argsort(-logp, axis=1, kind="stable")[:, :3])
+  with pytest.raises(ValueError, match="level"):
+    fn(jnp.asarray(table), t, user_history(num_users), leaves)
