@@ -2,9 +2,15 @@
 
   python experiments/run.py                      # TDR(T) on the synthetic default
   python experiments/run.py --dataset=tmall --data_dir=/data/tmall --preset=paper
+  python experiments/run.py --dataset=tmall --loader_option=actions=0,2 --skip_bad_rows
+
+Expected bad input (a bad flag or flag combination, a missing or malformed data file, a
+workdir written with other settings, no data left after filtering) ends the run with one line
+`error: <message>` on stderr and exit status 2; anything else is a bug and shows its traceback.
 """
 
 import os
+import re
 import sys
 import time
 
@@ -13,6 +19,8 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tdr_jax import experiment  # noqa: E402
+from tdr_jax.data import datasets  # noqa: E402
+from tdr_jax.errors import InputError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS),
@@ -60,12 +68,37 @@ flags.DEFINE_integer("dr_beam_size", None, "Deep Retrieval inference beam (paths
 flags.DEFINE_integer("dr_em_rounds", None, "Deep Retrieval M-steps.")
 flags.DEFINE_integer("synthetic_users", None, "Users of the synthetic dataset.")
 flags.DEFINE_integer("synthetic_items", None, "Items of the synthetic dataset.")
+flags.DEFINE_enum("synthetic_world", None, ["v1", "v2"], "Generator version of the synthetic "
+                  "dataset (default v2; v1 = the old default).")
+flags.DEFINE_bool("synthetic_categories", None, "Synthetic dataset: write the (noisy) item "
+                  "categories (default true); false: the items have none.")
+flags.DEFINE_multi_string("loader_option", [], "key=value option of the dataset's loader, "
+                          "repeatable, e.g. --loader_option=actions=0,2 (tmall); a bad key "
+                          "lists the loader's options with their defaults.")
+flags.DEFINE_bool("skip_bad_rows", False, "Skip (and count) malformed rows of the raw files "
+                  "instead of stopping at the first.")
 flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
                     "An existing workdir with checkpoints is resumed.")
 
 
+def loader_options_from_flags() -> tuple:
+  """--loader_option values converted to the loader's types, as sorted (key, value) pairs."""
+  if FLAGS.dataset not in datasets.DATASETS:
+    raise InputError(f"--dataset={FLAGS.dataset}: unknown dataset; choose from "
+                     f"{', '.join(sorted(datasets.DATASETS))}")
+  if FLAGS.dataset == "synthetic":
+    if FLAGS.loader_option:
+      raise InputError("--loader_option: the synthetic dataset has no loader options "
+                       "(use --dataset=csv to read a csv of your own)")
+    return ()
+  options = datasets.parse_loader_options(FLAGS.dataset, FLAGS.loader_option,
+                                          flag="--loader_option")
+  return tuple(sorted(options.items()))
+
+
 def config_from_flags() -> experiment.Config:
   ints = lambda v: tuple(int(x) for x in v) if v else None  # noqa: E731
+  loader_options = loader_options_from_flags()
   data_dir = FLAGS.data_dir or os.path.join("data", FLAGS.dataset)
   return experiment.make_config(
       FLAGS.preset, dataset=FLAGS.dataset, data_dir=data_dir, method=FLAGS.method,
@@ -79,18 +112,45 @@ def config_from_flags() -> experiment.Config:
       tree_users_per_item=FLAGS.tree_users_per_item, tree_assignment=FLAGS.tree_assignment,
       forest=FLAGS.forest,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
+      synthetic_world=FLAGS.synthetic_world, synthetic_categories=FLAGS.synthetic_categories,
+      loader_options=loader_options, skip_bad_rows=FLAGS.skip_bad_rows,
       rectify=FLAGS.rectify, otm_beam_size=FLAGS.otm_beam_size, dr_preset=FLAGS.dr_preset,
       dr_alpha=FLAGS.dr_alpha, dr_beam_size=FLAGS.dr_beam_size, dr_em_rounds=FLAGS.dr_em_rounds,
       sasrec_epochs=FLAGS.sasrec_epochs, sasrec_dim=FLAGS.sasrec_dim)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def fail(message: str):
+  """`error: <message>` as one line on stderr, exit status 2."""
+  sys.stdout.flush()
+  message = re.sub(r"\s*\n\s*", " ", str(message).strip())
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  sys.exit(2)
+
+
+def exit_on_input_error(fn, *args):
+  """fn(*args); an InputError (expected bad input) becomes `fail(message)`. Any other
+  exception propagates with its traceback."""
   try:
-    config = config_from_flags()
-  except ValueError as e:
-    raise app.UsageError(str(e))
+    return fn(*args)
+  except InputError as e:
+    fail(str(e))
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with errors (unknown flag, bad enum or number) as one line, status 2
+  (absl's own parser prints two lines and exits 1)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+
+
+def run(argv):
+  if len(argv) > 1:
+    raise InputError(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+  config = config_from_flags()
+  experiment.parse_methods(config.method)  # before the workdir is made
   workdir = FLAGS.workdir or os.path.join(
       "runs", f"{config.dataset}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
   logging.set_verbosity(logging.WARNING)  # Orbax and XLA are chatty at INFO
@@ -98,5 +158,9 @@ def main(argv):
   experiment.train_and_evaluate(config, workdir)
 
 
+def main(argv):
+  exit_on_input_error(run, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -70,6 +70,7 @@ from flax import nnx
 from tdr_jax import losses, train
 from tdr_jax.baselines._common import FitConfig, _Checkpoints, fingerprint, pad_rows
 from tdr_jax.data.preprocess import train_batch
+from tdr_jax.errors import InputError
 from tdr_jax.metrics import repeated_in_row
 from tdr_jax.models import dr as dr_model
 
@@ -119,32 +120,32 @@ class DRConfig:
 
   def __post_init__(self):
     if self.width < 2 or self.depth < 1:
-      raise ValueError(f"need width K >= 2 and depth D >= 1, got K={self.width}, D={self.depth}")
+      raise InputError(f"need width K >= 2 and depth D >= 1, got K={self.width}, D={self.depth}")
     paths = self.width ** self.depth
     if paths >= 2 ** 31:
-      raise ValueError(f"K^D = {paths} paths do not fit int32 path ids; lower K or D")
+      raise InputError(f"K^D = {paths} paths do not fit int32 path ids; lower K or D")
     if self.num_paths < 1 or self.num_paths > paths:
-      raise ValueError(f"num_paths J={self.num_paths} must lie in [1, K^D={paths}]: every item "
+      raise InputError(f"num_paths J={self.num_paths} must lie in [1, K^D={paths}]: every item "
                        "needs J distinct paths")
     if not 1 <= self.beam_size <= paths:
-      raise ValueError(f"beam_size B={self.beam_size} must lie in [1, K^D={paths}]")
+      raise InputError(f"beam_size B={self.beam_size} must lie in [1, K^D={paths}]")
     if not 1 <= self.top_paths <= paths:
-      raise ValueError(f"top_paths S={self.top_paths} must lie in [1, K^D={paths}]")
+      raise InputError(f"top_paths S={self.top_paths} must lie in [1, K^D={paths}]")
     if self.alpha < 0:
-      raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+      raise InputError(f"alpha must be >= 0, got {self.alpha}")
     if self.em_rounds < 0 or self.cd_iterations < 1 or self.epochs_per_estep <= 0:
-      raise ValueError("need em_rounds >= 0, cd_iterations >= 1 and epochs_per_estep > 0")
+      raise InputError("need em_rounds >= 0, cd_iterations >= 1 and epochs_per_estep > 0")
     if self.user_encoder not in dr_model.USER_ENCODERS:
-      raise ValueError(f"user_encoder={self.user_encoder!r}: choose {dr_model.USER_ENCODERS}")
+      raise InputError(f"user_encoder={self.user_encoder!r}: choose {dr_model.USER_ENCODERS}")
     if self.score_mode not in ("sum", "streaming"):
-      raise ValueError(f"score_mode={self.score_mode!r}: choose 'sum' or 'streaming'")
+      raise InputError(f"score_mode={self.score_mode!r}: choose 'sum' or 'streaming'")
     if not 0.0 < self.streaming_decay <= 1.0:
-      raise ValueError(f"streaming_decay must lie in (0, 1], got {self.streaming_decay}")
+      raise InputError(f"streaming_decay must lie in (0, 1], got {self.streaming_decay}")
     if self.reranker and (self.rerank_dim < 1 or self.rerank_negatives < 1):
-      raise ValueError("the reranker needs rerank_dim >= 1 and rerank_negatives >= 1")
+      raise InputError("the reranker needs rerank_dim >= 1 and rerank_negatives >= 1")
     if min(self.embed_dim, self.user_dim, self.path_dim, self.mstep_batch_size,
            self.eval_batch_size, self.checkpoint_every, self.log_every) < 1:
-      raise ValueError("dimensions, batch sizes and checkpoint/log intervals must be positive")
+      raise InputError("dimensions, batch sizes and checkpoint/log intervals must be positive")
 
   @property
   def num_structure_paths(self) -> int:
@@ -153,9 +154,9 @@ class DRConfig:
   def check_corpus(self, num_items: int) -> None:
     """Raises ValueError when the structure cannot index `num_items` items."""
     if num_items < 1:
-      raise ValueError("the corpus has no items")
+      raise InputError("the corpus has no items")
     if self.num_structure_paths * self.num_paths < num_items:
-      raise ValueError(
+      raise InputError(
           f"K^D = {self.num_structure_paths} paths x J = {self.num_paths} < {num_items} items: "
           f"the structure is too small (K^D must be at least N/J = "
           f"{-(-num_items // self.num_paths)}); raise K or D")
@@ -189,12 +190,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 def dr_config(preset: str = "synthetic", **overrides) -> DRConfig:
   """A preset's DRConfig with single fields overridden (None values are ignored)."""
   if preset not in PRESETS:
-    raise ValueError(f"unknown DR preset {preset!r}; choose from {sorted(PRESETS)}")
+    raise InputError(f"unknown DR preset {preset!r}; choose from {sorted(PRESETS)}")
   values = dict(PRESETS[preset])
   values.update({k: v for k, v in overrides.items() if v is not None})
   bad = set(values) - {f.name for f in dataclasses.fields(DRConfig)}
   if bad:
-    raise ValueError(f"unknown DRConfig fields {sorted(bad)}")
+    raise InputError(f"unknown DRConfig fields {sorted(bad)}")
   return DRConfig(**values)
 
 

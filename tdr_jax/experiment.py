@@ -33,6 +33,7 @@ from tdr_jax import tree as tree_lib
 from tdr_jax.data import datasets, synthetic
 from tdr_jax.data.preprocess import corpus_fingerprint, eval_split, train_batch
 from tdr_jax.data.preprocess import training_samples as _training_samples
+from tdr_jax.errors import InputError
 from tdr_jax.models import din as din_lib
 
 log = logging.getLogger("tdr_jax")
@@ -97,6 +98,10 @@ class Config:
   dr_em_rounds: int = -1  # DR M-steps; < 0 = the DR preset's
   synthetic_users: int = 8000
   synthetic_items: int = 5000
+  synthetic_world: str = "v2"  # generator version (data.synthetic.WORLDS); v1 = the old default
+  synthetic_categories: bool = True  # False: the csv has no category column
+  loader_options: tuple = ()  # sorted ((key, value), ...) of the loader (typed by parse_options)
+  skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
 
   def fingerprint(self) -> str:
     """Hash of the settings that determine the trained model (not eval or run length)."""
@@ -128,33 +133,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def make_config(preset: str = "default", **overrides) -> Config:
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    raise InputError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
   fields = {f.name for f in dataclasses.fields(Config)}
   bad = set(overrides) - fields
   if bad:
-    raise ValueError(f"unknown config fields {sorted(bad)}")
+    raise InputError(f"unknown config fields {sorted(bad)}")
   values = dict(PRESETS[preset])
   values.update({k: v for k, v in overrides.items() if v is not None})
   cfg = Config(preset=preset, **values)
   if sum(cfg.windows) != cfg.history_len:
-    raise ValueError(f"windows {cfg.windows} sum to {sum(cfg.windows)} but history_len is "
+    raise InputError(f"windows {cfg.windows} sum to {sum(cfg.windows)} but history_len is "
                      f"{cfg.history_len}; pass --windows that sum to --history_len")
   if cfg.tree_rounds < 1:
-    raise ValueError(f"--tree_rounds={cfg.tree_rounds} must be at least 1")
+    raise InputError(f"--tree_rounds={cfg.tree_rounds} must be at least 1")
   if cfg.loss not in ("softmax", "bce", "otm", "plt"):
-    raise ValueError(f"loss={cfg.loss!r}: choose softmax, bce, otm or plt")
+    raise InputError(f"loss={cfg.loss!r}: choose softmax, bce, otm or plt")
   if cfg.otm_beam_size < 1:
-    raise ValueError(f"--otm_beam_size={cfg.otm_beam_size} must be at least 1")
+    raise InputError(f"--otm_beam_size={cfg.otm_beam_size} must be at least 1")
   if cfg.dr_preset:
     from tdr_jax import dr as dr_lib
     if cfg.dr_preset not in dr_lib.PRESETS:
-      raise ValueError(f"--dr_preset={cfg.dr_preset!r}: choose from {sorted(dr_lib.PRESETS)}")
+      raise InputError(f"--dr_preset={cfg.dr_preset!r}: choose from {sorted(dr_lib.PRESETS)}")
   if cfg.tree_assignment not in ("greedy", "priced"):
-    raise ValueError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
+    raise InputError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm", "none"):
-    raise ValueError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm, tdm or none")
+    raise InputError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm, tdm or none")
   if cfg.beam_size < max(cfg.topk):
-    raise ValueError(f"--beam_size={cfg.beam_size} must be at least max(--topk)={max(cfg.topk)}")
+    raise InputError(f"--beam_size={cfg.beam_size} must be at least max(--topk)={max(cfg.topk)}")
   return cfg
 
 
@@ -172,14 +177,16 @@ def method_label(cfg: Config) -> str:
 def load_data(cfg: Config):
   """Returns (dataset, synthetic world or None)."""
   if cfg.dataset == "synthetic":
-    scfg = synthetic.SyntheticConfig(num_users=cfg.synthetic_users,
-                                     num_items=cfg.synthetic_items, seed=cfg.seed)
+    scfg = synthetic.world_config(cfg.synthetic_world, num_users=cfg.synthetic_users,
+                                  num_items=cfg.synthetic_items, seed=cfg.seed,
+                                  categories=cfg.synthetic_categories)
     folder, world = synthetic.materialize(cfg.data_dir, scfg)
     ds = datasets.load_dataset("csv", folder, min_user_interactions=cfg.min_user_interactions,
-                                 seed=cfg.seed)
+                               seed=cfg.seed)
     return ds, world
   ds = datasets.load_dataset(cfg.dataset, cfg.data_dir,
-                               min_user_interactions=cfg.min_user_interactions, seed=cfg.seed)
+                             min_user_interactions=cfg.min_user_interactions, seed=cfg.seed,
+                             skip_bad_rows=cfg.skip_bad_rows, **dict(cfg.loader_options))
   return ds, None
 
 
@@ -245,7 +252,7 @@ class Checkpointer:
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     for key, what in (("config_fingerprint", "configuration"), ("corpus_fingerprint", "corpus")):
       if meta.get(key) != self.meta[key]:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {self.dir} (step {step}) was written for another {what} "
             f"({key} {meta.get(key)} != {self.meta[key]}); use a new --workdir or the "
             f"original settings")
@@ -296,7 +303,7 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
                                   height=height)
   ndev = mesh.devices.size
   if cfg.batch_size % ndev:
-    raise ValueError(f"--batch_size={cfg.batch_size} must be divisible by the {ndev} devices")
+    raise InputError(f"--batch_size={cfg.batch_size} must be divisible by the {ndev} devices")
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
   jit_step = jax.jit(step_fn, donate_argnums=0)
@@ -309,7 +316,8 @@ def train_model(cfg: Config, ds, tree: tree_lib.Tree, score_fn, params, workdir:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state, item_to_leaf = ckpt.restore(latest, abstract)
     if not np.array_equal(item_to_leaf, np.asarray(tree.item_to_leaf)):
-      raise ValueError(f"checkpoint in {ckpt.dir} holds a different item-to-leaf mapping")
+      raise InputError(f"checkpoint in {ckpt.dir} holds a different item-to-leaf mapping; use a "
+                       f"new --workdir")
     start = int(state.step)
     log.info("resuming from checkpoint step %d of %d (%s)", start, total_steps, ckpt.dir)
     print(f"Resuming from checkpoint at step {start} of {total_steps}")
@@ -450,19 +458,71 @@ def synthetic_eta(world, ds, ev) -> np.ndarray:
   return synthetic.dataset_eta(world, ds.item_raw_ids, hist, horizons)
 
 
-def reference_rows(cfg: Config, ds, ev, eta) -> list[dict]:
-  """The oracle (synthetic only) and a random retriever, for scale."""
+# Rows that are not methods under test: their names, and the `--method` names of the two
+# non-learned rankers that every table shows (tdr_jax.baselines.popularity).
+REFERENCE_ROWS = ("oracle", "popularity", "heuristic", "random")
+REFERENCE_METHODS = {"pop": "popularity", "heuristic": "heuristic"}
+POPULARITY_MARGIN = 0.05  # a row within 5% of popularity's F@K0 (or below) is flagged
+POPULARITY_WARNING = "learned little beyond item popularity: train longer or check the data"
+
+
+def reference_method_row(name: str, cfg: Config, ds, ev, eta) -> dict:
+  """The `popularity` or `heuristic` row (`name` a key of REFERENCE_METHODS): non-learned
+  rankers counting the training targets of the run's training samples."""
+  from tdr_jax.baselines import popularity as pop_lib
+  kmax = max(cfg.topk)
+  t0 = time.perf_counter()
+  samples = training_samples(cfg, ds)
+  counts = pop_lib.target_counts(ds, samples)
+  settings = {"training_samples": int(len(samples)), "counts": "training-sample targets"}
+  if name == "pop":
+    retrieved = pop_lib.popularity(counts, len(ev.users), kmax)
+  else:
+    valid = ds.eval_split("valid", cfg.history_len)
+    params, info = pop_lib.tune_heuristic(valid, counts, ds.item_category, k=cfg.topk[0],
+                                          num_items=ds.num_items)
+    retrieved = pop_lib.heuristic(ev.history, counts, ds.item_category, params, kmax)
+    settings.update(dataclasses.asdict(params), **info,
+                    categories=int(len(np.unique(ds.item_category))))
+  return result_row(REFERENCE_METHODS[name], retrieved, ev, ds, cfg, eta,
+                    train_seconds=time.perf_counter() - t0, settings=settings)
+
+
+def reference_rows(cfg: Config, ds, ev, eta, *, have: Sequence[str] = ()) -> list[dict]:
+  """The oracle (synthetic only), popularity, the heuristic and a random retriever, for scale
+  (those named in `have` are already in the table and skipped)."""
   kmax = max(cfg.topk)
   rows = []
   if eta is not None:
     oracle = np.argsort(-eta, axis=1, kind="stable")[:, :kmax]
     rows.append(result_row("oracle", oracle, ev, ds, cfg, eta, train_seconds=0.0,
                            settings={"what": "top-K of the generator's posterior predictive"}))
+  for name, label in REFERENCE_METHODS.items():
+    if label not in have:
+      rows.append(reference_method_row(name, cfg, ds, ev, eta))
   rng = np.random.default_rng([cfg.seed, 99])
   rand = np.stack([rng.choice(ds.num_items, kmax, replace=False) for _ in range(len(ev.users))])
   rows.append(result_row("random", rand, ev, ds, cfg, eta, train_seconds=0.0,
                          settings={"what": "K items uniformly at random"}))
   return rows
+
+
+def flag_near_popularity(rows: Sequence[dict], k: int) -> list[str]:
+  """Sets row["warning"] of every row: POPULARITY_WARNING for a method row whose F@k is within
+  POPULARITY_MARGIN of the popularity row's or below it, else None; returns the printed
+  warnings."""
+  pop = next((r for r in rows if r["method"] == "popularity"), None)
+  key = f"f_measure@{k}"
+  out = []
+  for r in rows:
+    r.setdefault("warning", None)
+    if pop is None or r["method"] in REFERENCE_ROWS or key not in r:
+      continue
+    if r[key] <= (1.0 + POPULARITY_MARGIN) * pop[key]:
+      r["warning"] = POPULARITY_WARNING
+      out.append(f"warning: {r['method']}: F@{k} {r[key]:.4f} vs popularity {pop[key]:.4f}: "
+                 f"{POPULARITY_WARNING}")
+  return out
 
 
 def _fmt(v) -> str:
@@ -711,10 +771,10 @@ def parse_methods(method: str) -> list[str]:
   if names == ["all"]:
     names = list(ALL_METHODS)
   from tdr_jax import baselines
-  known = set(TDR_VARIANTS) | set(baselines.BASELINES) | {"dr"}
+  known = set(TDR_VARIANTS) | set(baselines.BASELINES) | {"dr"} | set(REFERENCE_METHODS)
   bad = [m for m in names if m not in known]
   if bad or not names:
-    raise ValueError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'")
+    raise InputError(f"--method={method!r}: unknown {bad}; choose from {sorted(known)} or 'all'")
   return names
 
 
@@ -732,8 +792,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=1, default=list)
   ds, world = load_data(cfg)
-  print(f"dataset {cfg.dataset}: {ds.num_users} users, {ds.num_items} items, "
-        f"{len(ds.seq_items)} interactions, {len(ds.train_sample_pos)} training samples")
+  print(datasets.describe(ds, cfg.dataset))
+  datasets.check_usable(ds)
   mesh = make_mesh()
   ev = evaluation_set(cfg, ds)
   eta = synthetic_eta(world, ds, ev) if world is not None else None
@@ -750,6 +810,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     elif name == "dr":
       rows.append(_run_dr(cfg, wd, ds, ev, eta))
       print(format_table(rows[-1:], cfg.topk))
+    elif name in REFERENCE_METHODS:
+      rows.append(reference_method_row(name, cfg, ds, ev, eta))
     else:
       from tdr_jax import baselines
       options = {}
@@ -764,14 +826,23 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       rows.append(result_row(baselines.LABELS[name], retrieved, ev, ds, cfg, eta,
                              train_seconds=seconds, settings=settings))
       print(format_table(rows[-1:], cfg.topk))
-  rows += estimator_rows + reference_rows(cfg, ds, ev, eta)
+  rows += estimator_rows + reference_rows(cfg, ds, ev, eta,
+                                         have=[r["method"] for r in rows])
+  warnings = flag_near_popularity(rows, cfg.topk[0])
   for out in per_method.values():
     for row in out["rounds"]:
       row.setdefault("train_seconds", 0.0)
+    flag_near_popularity(out["rounds"] + [r for r in rows if r["method"] == "popularity"],
+                         cfg.topk[0])
   table = format_table(rows, cfg.topk)
   print(table)
-  results = {"dataset": cfg.dataset, "results": rows}
+  for w in warnings:
+    print(w)
+  results = {"dataset": cfg.dataset, "results": rows, "warnings": warnings}
+  results["data"] = datasets.summary(ds)
   md = [f"# {cfg.dataset}: test users {len(ev.users)}", "", table, ""]
+  if warnings:
+    md += [f"* {w}" for w in warnings] + [""]
   for label, out in per_method.items():
     rounds, forest_curve, true_cat = out["rounds"], out["forest_curve"], out["true_cat"]
     key = "" if len(per_method) == 1 else f"{label} "

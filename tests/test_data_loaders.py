@@ -10,8 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tdr_jax.data import LOADERS, DataFormatError, load_interactions
+from tdr_jax.data import LOADERS, DataFormatError, load_dataset, load_interactions
+from tdr_jax.data.datasets import check_usable, describe, parse_loader_options, summary
 from tdr_jax.data.loaders import ML100K_GENRES
+from tdr_jax.errors import InputError, MissingFileError
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -406,3 +408,114 @@ def test_empty_files(tmp_path):
 def test_missing_data_dir_names_expected_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"tmall: expected user_log_format1.csv \(IJCAI-15"):
         load_interactions("tmall", tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------
+# options from strings (--loader_option), error classes, what-was-read report
+
+
+def test_parse_options_converts_by_default_type():
+    assert LOADERS["tmall"].parse_options(["actions=0, 2", "file=log.csv"]) == {
+        "actions": (0, 2), "file": "log.csv"}
+    taobao = LOADERS["taobao"]
+    assert taobao.parse_options([("behaviors", "pv,buy")]) == {"behaviors": ("pv", "buy")}
+    ml = LOADERS["movielens"]
+    assert ml.parse_options(["min_rating=4", "genre=all"]) == {"min_rating": 4.0, "genre": "all"}
+    # the last value of a key wins; "none" gives a None default back
+    assert ml.parse_options(["min_rating=3.5", "min_rating=none"]) == {"min_rating": None}
+    amazon = LOADERS["amazon_books"]
+    for text, want in (("false", False), ("YES", True), ("1", True), ("auto", "auto")):
+        assert amazon.parse_options([f"meta={text}"]) == {"meta": want}
+    assert LOADERS["mind"].parse_options(["categories=no"]) == {"categories": False}
+    assert LOADERS["csv"].parse_options(["delimiter=;", "path=a=b.csv"]) == {
+        "delimiter": ";", "path": "a=b.csv"}
+    assert LOADERS["csv"].parse_options([]) == {}
+
+
+def test_option_types_and_none_default():
+    ml = LOADERS["movielens"]
+    assert ml.option_type("min_rating") == "float" and ml.option_type("genre") == "str"
+    assert LOADERS["tmall"].option_type("actions") == "list[int]"
+    assert LOADERS["taobao"].option_type("behaviors") == "list[str]"
+    # a None default without a declared type: int if it parses, else the string
+    from tdr_jax.data.loaders import Loader
+
+    toy = Loader("toy", "", {"x": None, "on": False, "n": 3, "f": 0.5}, None, None)
+    assert toy.parse_options(["x=7"]) == {"x": 7}
+    assert toy.parse_options(["x=abc"]) == {"x": "abc"}
+    assert toy.parse_options(["x="]) == {"x": None}
+    assert toy.parse_options(["on=True", "n=-2", "f=1e-3"]) == {"on": True, "n": -2, "f": 1e-3}
+
+
+@pytest.mark.parametrize(
+    "name,pair,words",
+    [
+        ("tmall", "nope=1", ["--loader_option nope", "tmall", "actions=0 (list[int])",
+                             "file='user_log_format1.csv'"]),
+        ("tmall", "actions", ["'actions'", "key=value"]),
+        ("tmall", "actions=0,x", ["actions=0,x", "'x' is not int"]),
+        ("tmall", "actions=,", ["needs at least one value"]),
+        ("tmall", "actions=7", ["takes 0, 1, 2, 3", "got 7"]),
+        ("taobao", "behaviors=pv,click", ["takes pv, buy, cart, fav", "got click"]),
+        ("movielens", "genre=second", ["genre", "first, all, none"]),
+        ("movielens", "min_rating=high", ["'high' is not float", "default None"]),
+        ("amazon_books", "meta=maybe", ["meta", "auto, True, False"]),
+    ],
+)
+def test_parse_options_errors(name, pair, words):
+    with pytest.raises(InputError) as err:
+        LOADERS[name].parse_options([pair], flag="--loader_option")
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_expected_errors_are_input_errors(tmp_path):
+    with pytest.raises(MissingFileError) as err:  # also a FileNotFoundError
+        load_interactions("tmall", tmp_path)
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, InputError)
+    assert issubclass(DataFormatError, InputError) and issubclass(InputError, ValueError)
+    with pytest.raises(KeyError) as err:
+        load_interactions("nope", tmp_path)
+    assert isinstance(err.value, InputError) and str(err.value).startswith("unknown dataset loader")
+    with pytest.raises(InputError, match="genre must be"):
+        load_interactions("movielens", ml1m(tmp_path)[0], genre="second")
+    with pytest.raises(InputError, match=r"unknown dataset 'nope'; known: amazon_books, csv"):
+        parse_loader_options("nope", [])
+    assert parse_loader_options("synthetic", ["delimiter=;"]) == {"delimiter": ";"}  # csv loader
+
+
+def test_load_report_kept_in_cache_and_described(tmp_path):
+    lines = ["user,item,timestamp,category"]
+    lines += [f"u{u},i{(u + j) % 9},{j},{'' if (u + j) % 9 == 8 else 'c%d' % ((u + j) % 3)}"
+              for u in range(12) for j in range(4)]
+    lines.insert(3, "u0,i1,soon,c0")
+    lines.insert(5, "u0,i1")
+    write(tmp_path / "interactions.csv", "\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"interactions.csv:4: .*--skip_bad_rows"):
+        load_dataset("csv", tmp_path, min_user_interactions=4)
+    first = load_dataset("csv", tmp_path, min_user_interactions=4, skip_bad_rows=True)
+    cached = load_dataset("csv", tmp_path, min_user_interactions=4, skip_bad_rows=True)
+    assert "cache_file" not in first.source and cached.source["cache_file"].endswith(".npz")
+    assert cached.source["load_report"] == first.source["load_report"]
+    s = summary(cached)
+    assert json.loads(json.dumps(s)) == s
+    assert (s["rows_read"], s["rows_skipped"], s["rows_loaded"]) == (50, 2, 48)
+    first_skip = s["skipped_examples"][0]
+    assert first_skip.endswith("interactions.csv:4: timestamp is not an integer: 'soon'")
+    assert (s["users"], s["items"], s["users_before_filter"]) == (12, 9, 12)
+    assert (s["distinct_categories"], s["items_without_category"]) == (3, 1)
+    text = describe(cached, "mine")
+    assert text.startswith("dataset mine: read 50 rows from 1 file(s) with the csv loader, kept 48")
+    assert "skipped 2 malformed row(s)" in text and "interactions.csv:6: expected 4 fields" in text
+    assert "12 users, 9 items, 48 interactions" in text and "3 distinct; 1 item(s) without" in text
+    check_usable(cached)
+    few = load_dataset("csv", tmp_path, min_user_interactions=4, skip_bad_rows=True,
+                       split=(1.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="0 test users"):
+        check_usable(few)
+    with pytest.raises(InputError, match="no data left after filtering"):
+        load_dataset("csv", tmp_path, min_user_interactions=5, skip_bad_rows=True)
+    with pytest.raises(MissingFileError, match=r"the folder .*nope does not exist"):
+        load_dataset("csv", tmp_path / "nope")

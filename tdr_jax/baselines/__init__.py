@@ -4,9 +4,11 @@ Every baseline module has `fit(ds, **options) -> model` and
 `retrieve(model, eval_set, *, topk) -> int32[U, K]`; `run_baseline` runs one by name with the
 experiment's shared settings and returns what a results row needs.
 
-* `itemcf`: item-item cosine similarity over the binary user-item matrix of the training users;
-  a user's score of an item is the sum of its similarities to the user's distinct history
-  items; exact top-K (history items kept in the ranking; ties by popularity).
+* `itemcf`: item-item cosine similarity over the binary user-item matrix of the training
+  interactions the learned methods use (the targets of the run's training samples); a user's
+  score of an item is the sum of its similarities to the distinct items of the visible
+  history (the last L, as the learned methods see); exact top-K (history items kept in the
+  ranking; ties by popularity).
 * `youtube_dnn`: two-tower model (mean-pooled history -> MLP [128, 64, 24]; item embeddings
   of size 24), sampled softmax with logQ over 1000 uniform negatives shared by the batch;
   exact inner-product top-K.
@@ -25,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from tdr_jax.baselines import din_brute, itemcf, youtube_dnn
+from tdr_jax.data.preprocess import training_samples
 
 __all__ = ["BASELINES", "LABELS", "run_baseline", "din_brute", "itemcf", "youtube_dnn"]
 
@@ -99,12 +102,17 @@ def run_baseline(name: str, ds, ev, *, topk: int | Sequence[int], seed: int = 0,
 
   t0 = time.perf_counter()
   if key == "itemcf":
-    model = itemcf.fit(ds, **fit_opts)
+    # The same training interactions as every learned method of the run: the targets of its
+    # (possibly subsampled) training samples; the same visible history (the last L items).
+    samples = training_samples(ds, max_train_samples=max_train_samples, seed=seed)
+    ret_opts.setdefault("history", "window")
+    model = itemcf.fit(ds, samples=samples, **fit_opts)
     train_seconds = time.perf_counter() - t0
     settings.update(model.settings)
     t1 = time.perf_counter()
     retrieved = itemcf.retrieve(model, ev, topk=kmax, **ret_opts)
-    settings.update({"history": ret_opts.get("history", "full"),
+    settings.update({"history": ret_opts["history"], "max_train_samples": int(max_train_samples),
+                     "history_len": int(history_len),
                      "exclude_history": bool(ret_opts.get("exclude_history", False))})
   else:
     module = youtube_dnn if key == "youtube_dnn" else din_brute

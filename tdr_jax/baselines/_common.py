@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from tdr_jax import train
+from tdr_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ class _Checkpoints:
     ocp = self._ocp
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if meta.get("fingerprint") != self.meta["fingerprint"]:
-      raise ValueError(
+      raise InputError(
           f"checkpoint {self.dir} (step {step}) was written by another {self.meta['name']} "
           f"run (fingerprint {meta.get('fingerprint')} != {self.meta['fingerprint']}); use a "
           "new workdir or the original settings")

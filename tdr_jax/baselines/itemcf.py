@@ -77,13 +77,20 @@ def _binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> s
   return m
 
 
-def user_item_matrix(ds, *, include_eval_histories: bool = False) -> sp.csr_matrix:
+def user_item_matrix(ds, *, include_eval_histories: bool = False,
+                     samples: np.ndarray | None = None) -> sp.csr_matrix:
   """Binary CSR [num_users, N] of the training users' sequences (and, optionally, the first
-  halves of the validation/test users); rows of other users are empty."""
+  halves of the validation/test users); rows of other users are empty.
+
+  `samples`: indices of training samples; when given, only their targets are training
+  interactions (the interactions a run's learned methods train on), not whole sequences."""
   lengths = np.diff(ds.seq_offsets)
   owner = np.repeat(np.arange(ds.num_users, dtype=np.int64), lengths)
   split = ds.user_split[owner]
   keep = split == 0
+  if samples is not None:
+    keep = np.zeros(len(ds.seq_items), bool)
+    keep[np.asarray(ds.train_sample_pos)[np.asarray(samples)]] = True
   if include_eval_histories:
     pos = np.arange(len(ds.seq_items), dtype=np.int64)
     first_half_end = ds.seq_offsets[owner] + lengths[owner] // 2
@@ -217,23 +224,24 @@ def item_similarity(x: sp.spmatrix, *, include_self: bool = False, num_neighbors
   return sim, pop
 
 
-def fit(ds, *, include_eval_histories: bool = False, include_self: bool = False,
-        num_neighbors: int = 0, block_items: int = 4096, max_block_entries: int = 1 << 25
-        ) -> ItemCF:
+def fit(ds, *, samples: np.ndarray | None = None, include_eval_histories: bool = False,
+        include_self: bool = False, num_neighbors: int = 0, block_items: int = 4096,
+        max_block_entries: int = 1 << 25) -> ItemCF:
   """Builds the item-item cosine similarity from the dataset (see the module docstring).
 
-  There is no training loop, so the neural baselines' options (epochs, batch_size,
-  max_train_samples, ...) have no counterpart: Item-CF uses every training user's full
-  sequence, not the (possibly subsampled) training samples.
+  `samples` (indices of training samples, e.g. `preprocess.training_samples`): count only
+  their targets, the interactions the learned methods of a run train on; None: every
+  training user's whole sequence.
   """
   t0 = time.perf_counter()
-  x = user_item_matrix(ds, include_eval_histories=include_eval_histories)
+  x = user_item_matrix(ds, include_eval_histories=include_eval_histories, samples=samples)
   sim, pop = item_similarity(x, include_self=include_self, num_neighbors=num_neighbors,
                              block_items=block_items, max_block_entries=max_block_entries)
   settings = {"include_eval_histories": bool(include_eval_histories),
               "include_self": bool(include_self), "num_neighbors": int(num_neighbors),
               "block_items": int(block_items), "max_block_entries": int(max_block_entries),
               "similarity": "cosine",
+              "training_interactions": "all" if samples is None else "sample targets",
               "rows": int(np.count_nonzero(np.diff(x.indptr))), "matrix_nnz": int(x.nnz),
               "similarity_nnz": int(sim.nnz), "fit_seconds": time.perf_counter() - t0}
   return ItemCF(similarity=sim, popularity=pop, settings=settings)

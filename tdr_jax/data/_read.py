@@ -32,6 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 
+from tdr_jax.errors import InputError
+
 __all__ = ["DataFormatError", "LoadReport", "Col"]
 
 MAX_EXAMPLES = 10
@@ -49,10 +51,11 @@ _ARROW_TYPES = {
 }
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A raw data file does not have the documented format.
 
     The message starts with ``path:line:`` (1-based, header line counted).
+    An :class:`~tdr_jax.errors.InputError` (hence a ``ValueError``).
     """
 
 
@@ -202,7 +205,8 @@ def _raise_or_skip(
         if n_bad > 1:
             more = f" (and {n_bad - 1} more malformed row(s))"
         raise DataFormatError(
-            f"{path}:{line}: {reason}{more}; pass skip_bad_rows=True to skip malformed rows"
+            f"{path}:{line}: {reason}{more}; pass skip_bad_rows=True (run.py: --skip_bad_rows) "
+            "to skip malformed rows"
         )
     for line, reason in bad:
         report.skip(path, line, reason)

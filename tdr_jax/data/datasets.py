@@ -16,6 +16,14 @@ Keyword settings are routed by name: preprocessing settings
 loader's options (see ``LOADERS[name].defaults``) to the loader, and, for
 datasets with a ``prepare`` step (``"synthetic"``), everything else to it.
 
+Loader options given as ``"key=value"`` strings are converted by
+:func:`parse_loader_options`.  The returned dataset's ``source`` holds the
+loader's report (``load_report``: rows read, skipped with examples, filtered),
+also on a cache hit (``cache_file`` then names the entry); :func:`summary`
+gives it as a JSON-able dict and :func:`describe` as a few lines.  Expected
+bad input (unknown dataset, missing file, malformed row, nothing left after
+filtering) raises :class:`tdr_jax.errors.InputError` subclasses.
+
 The ``"synthetic"`` dataset is provided by ``tdr_jax.data.synthetic`` (imported
 lazily).  If it defines ``prepare(data_dir, **options) -> dict | None``, that
 is called: it writes ``interactions.csv`` (header
@@ -42,14 +50,16 @@ from typing import Any, Callable
 import numpy as np
 
 from tdr_jax.data.loaders import LOADERS, load_interactions
-from tdr_jax.data.preprocess import Dataset, preprocess, preprocess_settings
+from tdr_jax.data.preprocess import UNKNOWN_CATEGORY, Dataset, preprocess, preprocess_settings
+from tdr_jax.errors import InputError, MissingFileError, UnknownNameError
 
 try:  # absl is a project dependency; fall back to stdlib logging
     from absl import logging as _log
 except ImportError:  # pragma: no cover
     import logging as _log
 
-__all__ = ["DATASETS", "DatasetSpec", "load_dataset", "cache_key", "save_dataset", "load_cached"]
+__all__ = ["DATASETS", "DatasetSpec", "load_dataset", "cache_key", "save_dataset", "load_cached",
+           "parse_loader_options", "summary", "describe", "check_usable"]
 
 CACHE_VERSION = 1
 
@@ -203,14 +213,25 @@ def _route(spec: DatasetSpec, settings: dict) -> tuple[dict, dict, dict]:
     return pre, load, extra
 
 
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UnknownNameError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def parse_loader_options(name: str, pairs, *, flag: str = "loader option") -> dict:
+    """The options of dataset ``name``'s loader from ``"key=value"`` strings
+    (see :meth:`~tdr_jax.data.loaders.Loader.parse_options`).  Raises
+    :class:`~tdr_jax.errors.InputError` for an unknown dataset, key or value."""
+    return LOADERS[_spec(name).loader].parse_options(pairs, flag=flag)
+
+
 def load_dataset(name: str, data_dir, *, cache: bool = True, cache_dir=None,
                  skip_bad_rows: bool = False, **settings: Any) -> Dataset:
     """Load dataset ``name`` from ``data_dir`` (raw files as distributed),
     preprocess it and cache the result in ``cache_dir`` (default
     ``data_dir/cache``); see the module docstring."""
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
-    spec = DATASETS[name]
+    spec = _spec(name)
     data_dir = Path(data_dir)
     pre, load_opts, extra = _route(spec, settings)
     if spec.prepare is not None:
@@ -220,13 +241,19 @@ def load_dataset(name: str, data_dir, *, cache: bool = True, cache_dir=None,
     loader = LOADERS[spec.loader]
     load_opts = loader.options(**load_opts)
     pre = preprocess_settings(**pre)
-    files = loader.files(data_dir, **load_opts)
+    try:
+        files = loader.files(data_dir, **load_opts)
+    except FileNotFoundError as e:
+        if data_dir.is_dir():
+            raise
+        raise MissingFileError(f"{e} (the folder {data_dir} does not exist)") from None
     key, material = cache_key(name, data_dir, {**load_opts, **({"prepare": extra} if extra else {})},
                               pre, skip_bad_rows, files)
     npz_path = Path(cache_dir or data_dir / "cache") / f"{name}-{key}.npz"
     if cache and npz_path.is_file() and npz_path.with_suffix(".json").is_file():
         t0 = time.perf_counter()
         ds = load_cached(npz_path)
+        ds.source["cache_file"] = os.fspath(npz_path)
         _log.info("%s: loaded cached dataset %s (%.2fs)", name, npz_path, time.perf_counter() - t0)
         return ds
     t0 = time.perf_counter()
@@ -256,3 +283,85 @@ def load_dataset(name: str, data_dir, *, cache: bool = True, cache_dir=None,
         save_dataset(ds, npz_path, {"key": key, "key_material": material})
         _log.info("%s: wrote cache %s (%.2fs)", name, npz_path, time.perf_counter() - t1)
     return ds
+
+
+# ---------------------------------------------------------------------------
+# what was read
+
+
+def summary(ds: Dataset) -> dict:
+    """JSON-able account of how ``ds`` was read: the loader's report (rows
+    read, skipped with examples, filtered on purpose), the user filter, the
+    sizes after filtering and the categories."""
+    src = ds.source
+    rep = src.get("load_report", {})
+    names = [str(x) for x in ds.category_names]
+    unknown = (
+        int(np.sum(ds.item_category == names.index(UNKNOWN_CATEGORY)))
+        if UNKNOWN_CATEGORY in names else 0
+    )
+    out = {
+        "dataset": src.get("dataset"),
+        "loader": src.get("loader"),
+        "loader_options": src.get("loader_options", {}),
+        "files": rep.get("files", []),
+        "rows_read": rep.get("rows_read"),
+        "rows_skipped": rep.get("rows_skipped", 0),
+        "skipped_examples": rep.get("skipped_examples", []),
+        "rows_filtered": rep.get("rows_filtered", {}),
+        "rows_loaded": rep.get("rows_out"),
+        "notes": rep.get("notes", []),
+        "min_user_interactions": ds.settings.get("min_user_interactions"),
+        "users_before_filter": src.get("users_before_filter"),
+        "rows_dropped_by_user_filter": src.get("rows_dropped_by_user_filter"),
+        **ds.stats(),
+        "distinct_categories": ds.num_categories - (1 if unknown else 0),
+        "items_without_category": unknown,
+        "cache_file": src.get("cache_file"),
+    }
+    return _jsonable(out)
+
+
+def check_usable(ds: Dataset) -> None:
+    """Raises :class:`~tdr_jax.errors.InputError` unless ``ds`` has a test
+    user and a training sample (a train-evaluate run needs both)."""
+    st = ds.stats()
+    if st["test_users"] < 1 or st["samples"] < 1:
+        raise InputError(
+            f"too little data left after filtering: {st['users']} users with >= "
+            f"{ds.settings.get('min_user_interactions')} interactions give {st['test_users']} "
+            f"test users and {st['samples']} training samples (split "
+            f"{ds.settings.get('split')}); a run needs at least one of each"
+        )
+
+
+def describe(ds: Dataset, name: str | None = None, max_examples: int = 3) -> str:
+    """A few lines on what was read (see :func:`summary`), for the log of a run."""
+    s = summary(ds)
+    name = name or s["dataset"] or "?"
+    cached = f" (cached: {s['cache_file']})" if s["cache_file"] else ""
+    if s["rows_read"] is None:
+        lines = [f"dataset {name}: no load report"]
+    else:
+        lines = [f"dataset {name}: read {s['rows_read']} rows from {len(s['files'])} file(s) "
+                 f"with the {s['loader']} loader, kept {s['rows_loaded']}{cached}"]
+    if s["rows_skipped"]:
+        lines.append(f"  skipped {s['rows_skipped']} malformed row(s), e.g.:")
+        lines += [f"    {ex}" for ex in s["skipped_examples"][:max_examples]]
+    else:
+        lines.append("  skipped 0 malformed rows")
+    for reason, n in s["rows_filtered"].items():
+        lines.append(f"  filtered on purpose: {n} row(s) ({reason})")
+    lines.append(f"  user filter (< {s['min_user_interactions']} interactions): removed "
+                 f"{s['users_before_filter'] - s['users']} of {s['users_before_filter']} users, "
+                 f"{s['rows_dropped_by_user_filter']} rows")
+    lines.append(f"  {s['users']} users, {s['items']} items, {s['interactions']} interactions, "
+                 f"{s['samples']} training samples ({s['train_users']} train / {s['valid_users']} "
+                 f"valid / {s['test_users']} test users)")
+    if s["distinct_categories"]:
+        lines.append(f"  categories: {s['distinct_categories']} distinct; "
+                     f"{s['items_without_category']} item(s) without one")
+    else:
+        lines.append("  categories: none (every item in one unknown category)")
+    lines += [f"  note: {n}" for n in s["notes"]]
+    return "\n".join(lines)

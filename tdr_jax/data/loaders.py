@@ -12,12 +12,17 @@ accepted) and returns one ``pyarrow.Table`` with the columns
 in file order, together with a :class:`LoadReport`.  Use
 :func:`load_interactions` (or ``LOADERS[name]``).
 
-Error handling: a missing file raises ``FileNotFoundError`` naming the path
-and the file expected there; a malformed row raises :class:`DataFormatError`
-(``path:line: reason``) unless ``skip_bad_rows=True``, in which case it is
-skipped and counted in the report.  Rows removed on purpose (non-click
-actions, low ratings, non-clicked impressions) are counted in
-``LoadReport.rows_filtered``.
+Error handling: a missing file raises ``MissingFileError`` (a
+``FileNotFoundError``) naming the path and the file expected there; a
+malformed row raises :class:`DataFormatError` (``path:line: reason``) unless
+``skip_bad_rows=True``, in which case it is skipped and counted in the
+report; a bad option value raises ``InputError``.  All three are
+:class:`tdr_jax.errors.InputError` (a ``ValueError``).  Rows removed on
+purpose (non-click actions, low ratings, non-clicked impressions) are counted
+in ``LoadReport.rows_filtered``.
+
+Options given as strings (the command line's ``--loader_option key=value``)
+are converted by :meth:`Loader.parse_options`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from tdr_jax.data._read import (
     read_multichar,
     to_numpy,
 )
+from tdr_jax.errors import InputError, MissingFileError, UnknownNameError
 
 __all__ = [
     "DataFormatError",
@@ -89,7 +95,7 @@ def _find(data_dir, name: str) -> Path | None:
 def _require(data_dir, name: str, dataset: str, what: str) -> Path:
     p = _find(data_dir, name)
     if p is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{dataset}: expected {name} ({what}) at {Path(data_dir) / name}"
         )
     return p
@@ -161,17 +167,110 @@ def _decode_small_text(path) -> bytes:
 # loader objects
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _convert(text: str, kind: str):
+    """``text`` as ``kind``: bool, int, float, str, ``a|b`` (first that
+    parses) or ``list[elem]`` (comma-separated, at least one value)."""
+    if kind.startswith("list["):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("needs at least one value")
+        return tuple(_convert(p, kind[5:-1]) for p in parts)
+    for k in kind.split("|"):
+        try:
+            if k == "bool":
+                return _BOOL_WORDS[text.strip().lower()]
+            if k in ("int", "float"):
+                return {"int": int, "float": float}[k](text)
+            if k == "str":
+                return text
+        except (KeyError, ValueError):
+            pass
+    raise ValueError(f"{text!r} is not {' or '.join(kind.split('|'))}"
+                     + (" (true/false/yes/no/1/0)" if "bool" in kind else ""))
+
+
 @dataclasses.dataclass(frozen=True)
 class Loader:
     """A named loader: ``defaults`` lists its options; ``files`` tells which
     raw files a load with these options would read (used as cache key);
-    ``load`` does the reading."""
+    ``load`` does the reading.  ``types`` gives an option's type where its
+    default does not tell (see :meth:`option_type`), ``choices`` its accepted
+    values (of each element, for a list)."""
 
     name: str
     description: str
     defaults: dict
     _files: Callable[..., list]
     _load: Callable[..., pa.Table]
+    types: dict = dataclasses.field(default_factory=dict)
+    choices: dict = dataclasses.field(default_factory=dict)
+
+    def option_type(self, key: str) -> str:
+        """bool, int, float, str, ``list[int]`` / ``list[str]`` (from a
+        tuple or list default), or ``a|b``: the first that parses; a ``None``
+        default without an entry in ``types`` is ``int|str``."""
+        if key in self.types:
+            return self.types[key]
+        d = self.defaults[key]
+        if isinstance(d, (list, tuple)):
+            return f"list[{type(d[0]).__name__ if d else 'str'}]"
+        if d is None:
+            return "int|str"
+        return type(d).__name__
+
+    def describe_options(self) -> str:
+        return ", ".join(f"{k}={repr(v) if isinstance(v, str) else self._show(v)} "
+                         f"({self.option_type(k)})" for k, v in sorted(self.defaults.items()))
+
+    @staticmethod
+    def _show(v) -> str:
+        return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+    def parse_options(self, pairs, *, flag: str = "loader option") -> dict:
+        """Options from strings: ``pairs`` holds ``"key=value"`` strings or
+        ``(key, value)`` pairs (a later key wins).  Each value is converted to
+        :meth:`option_type` (bool: true/false/yes/no/1/0, case-insensitive;
+        list: comma-separated); an option whose default is ``None`` also takes
+        ``none`` (or an empty value) for ``None``.  Unknown keys, values that
+        do not convert or are not among ``choices`` raise
+        :class:`~tdr_jax.errors.InputError` naming ``flag``, the loader and
+        the accepted keys with their defaults."""
+        out = {}
+        for pair in pairs:
+            if isinstance(pair, str):
+                key, eq, text = pair.partition("=")
+                if not eq:
+                    raise InputError(f"{flag} {pair!r}: expected key=value; {self.name} loader "
+                                     f"options: {self.describe_options()}")
+            else:
+                key, text = pair
+            key = key.strip()
+            if key not in self.defaults:
+                raise InputError(f"{flag} {key}: unknown option of the {self.name} loader; "
+                                 f"accepted (default, type): {self.describe_options()}")
+            kind = self.option_type(key)
+            try:
+                if not isinstance(text, str):
+                    value = text
+                elif self.defaults[key] is None and text.strip().lower() in ("", "none"):
+                    value = None
+                else:
+                    value = _convert(text, kind)
+            except ValueError as e:
+                raise InputError(f"{flag} {key}={text}: {e} (the {self.name} loader's {key} is "
+                                 f"{kind}, default {self._show(self.defaults[key])})") from None
+            allowed = self.choices.get(key)
+            values = value if isinstance(value, tuple) else (value,)
+            if allowed is not None and value is not None:
+                bad = [v for v in values if v not in allowed]
+                if bad:
+                    raise InputError(f"{flag} {key}={text}: the {self.name} loader's {key} "
+                                     f"takes {', '.join(map(str, allowed))}; got {self._show(bad)}")
+            out[key] = value
+        return out
 
     def options(self, **options) -> dict:
         unknown = sorted(set(options) - set(self.defaults))
@@ -202,7 +301,7 @@ class Loader:
 def _ml_variant(data_dir: Path, variant: str) -> str:
     if variant != "auto":
         if variant not in ("ml-100k", "dat", "csv"):
-            raise ValueError(f"movielens: variant must be auto, ml-100k, dat or csv, got {variant!r}")
+            raise InputError(f"movielens: variant must be auto, ml-100k, dat or csv, got {variant!r}")
         return variant
     if _find(data_dir, "u.data"):
         return "ml-100k"
@@ -210,7 +309,7 @@ def _ml_variant(data_dir: Path, variant: str) -> str:
         return "dat"
     if _find(data_dir, "ratings.csv"):
         return "csv"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"movielens: expected u.data (ml-100k), ratings.dat (ml-1m / ml-10m) or ratings.csv "
         f"(ml-20m / ml-25m / ml-latest) in {data_dir}"
     )
@@ -249,7 +348,7 @@ def _genre_pick(genres: pa.Array, genre: str) -> pa.Array:
 
 def _load_movielens(data_dir: Path, report: LoadReport, skip, *, variant, genre, min_rating):
     if genre not in ("first", "all", "none"):
-        raise ValueError(f"movielens: genre must be 'first', 'all' or 'none', got {genre!r}")
+        raise InputError(f"movielens: genre must be 'first', 'all' or 'none', got {genre!r}")
     files = _ml_files(data_dir, variant=variant, genre=genre, min_rating=min_rating)
     v = _ml_variant(data_dir, variant)
     rating_cols = [Col("user", "int"), Col("item", "int"), Col("rating", "float"), Col("timestamp", "int")]
@@ -379,7 +478,7 @@ def _load_taobao(data_dir: Path, report: LoadReport, skip, *, behaviors, file):
         behaviors = (behaviors,)
     bad = set(behaviors) - set(TAOBAO_BEHAVIORS)
     if bad:
-        raise ValueError(f"taobao: unknown behaviors {sorted(bad)}; use {TAOBAO_BEHAVIORS}")
+        raise InputError(f"taobao: unknown behaviors {sorted(bad)}; use {TAOBAO_BEHAVIORS}")
     t = _filter(t, pc.is_in(t["behavior_type"], value_set=pa.array(list(behaviors))), report,
                 f"behavior_type not in {tuple(behaviors)}")
     return _make_table(t["user_id"], t["item_id"], t["timestamp"], t["category_id"])
@@ -393,7 +492,7 @@ _AMAZON_REVIEW_FILES = ("reviews_Books_5.json", "Books_5.json")
 
 def _amazon_format(data_dir: Path, format: str, ratings_file: str) -> tuple[str, str]:
     if format not in ("auto", "ratings", "reviews"):
-        raise ValueError(f"amazon_books: format must be auto, ratings or reviews, got {format!r}")
+        raise InputError(f"amazon_books: format must be auto, ratings or reviews, got {format!r}")
     if format in ("auto", "ratings") and _find(data_dir, ratings_file):
         return "ratings", ratings_file
     if format in ("auto", "reviews"):
@@ -403,11 +502,11 @@ def _amazon_format(data_dir: Path, format: str, ratings_file: str) -> tuple[str,
     if format == "ratings":
         _require(data_dir, ratings_file, "amazon_books", "ratings-only CSV user,item,rating,timestamp")
     if format == "reviews":
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"amazon_books: expected reviews_Books_5.json or Books_5.json (5-core review JSON lines) "
             f"at {data_dir / _AMAZON_REVIEW_FILES[0]}"
         )
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"amazon_books: expected {ratings_file} (ratings-only CSV user,item,rating,timestamp) at "
         f"{data_dir / ratings_file}, or reviews_Books_5.json / Books_5.json (5-core review JSON lines)"
     )
@@ -421,7 +520,7 @@ def _amazon_files(data_dir: Path, *, format, ratings_file, meta, meta_file, meta
     elif meta == "auto" and _find(data_dir, meta_file):
         files.append(_find(data_dir, meta_file))
     elif meta not in (True, False, "auto"):
-        raise ValueError(f"amazon_books: meta must be True, False or 'auto', got {meta!r}")
+        raise InputError(f"amazon_books: meta must be True, False or 'auto', got {meta!r}")
     return files
 
 
@@ -481,7 +580,7 @@ def _amazon_categories(table: pa.Table, how: str) -> tuple[pa.Array, pa.Array]:
 def _load_amazon(data_dir: Path, report: LoadReport, skip, *, format, ratings_file, meta, meta_file,
                  meta_category, min_rating):
     if meta_category not in ("leaf", "top"):
-        raise ValueError(f"amazon_books: meta_category must be 'leaf' or 'top', got {meta_category!r}")
+        raise InputError(f"amazon_books: meta_category must be 'leaf' or 'top', got {meta_category!r}")
     files = _amazon_files(data_dir, format=format, ratings_file=ratings_file, meta=meta,
                           meta_file=meta_file, meta_category=meta_category, min_rating=min_rating)
     fmt, _ = _amazon_format(data_dir, format, ratings_file)
@@ -549,7 +648,7 @@ def _mind_files(data_dir: Path, *, categories) -> list:
         if n:
             files.append(n)
     elif categories is not False:
-        raise ValueError(f"mind: categories must be True, False or 'auto', got {categories!r}")
+        raise InputError(f"mind: categories must be True, False or 'auto', got {categories!r}")
     return files
 
 
@@ -636,7 +735,7 @@ def _csv_path(data_dir: Path, path) -> Path:
 def _csv_files(data_dir: Path, *, path, delimiter) -> list:
     p = _csv_path(data_dir, path)
     if not p.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"csv: expected {p.name} (interaction CSV with a header naming user,item"
             f"[,timestamp][,category]) at {p}"
         )
@@ -671,6 +770,8 @@ LOADERS: dict[str, Loader] = {
         {"variant": "auto", "genre": "first", "min_rating": None},
         _ml_files,
         _load_movielens,
+        types={"min_rating": "float"},
+        choices={"variant": ("auto", "ml-100k", "dat", "csv"), "genre": ("first", "all", "none")},
     ),
     "tmall": Loader(
         "tmall",
@@ -678,6 +779,7 @@ LOADERS: dict[str, Loader] = {
         {"actions": (0,), "file": "user_log_format1.csv"},
         _tmall_files,
         _load_tmall,
+        choices={"actions": (0, 1, 2, 3)},  # click, add-to-cart, purchase, add-to-favourite
     ),
     "taobao": Loader(
         "taobao",
@@ -685,6 +787,7 @@ LOADERS: dict[str, Loader] = {
         {"behaviors": ("pv",), "file": "UserBehavior.csv"},
         _taobao_files,
         _load_taobao,
+        choices={"behaviors": TAOBAO_BEHAVIORS},
     ),
     "amazon_books": Loader(
         "amazon_books",
@@ -699,6 +802,9 @@ LOADERS: dict[str, Loader] = {
         },
         _amazon_files,
         _load_amazon,
+        types={"meta": "bool|str", "min_rating": "float"},
+        choices={"format": ("auto", "ratings", "reviews"), "meta": ("auto", True, False),
+                 "meta_category": ("leaf", "top")},
     ),
     "mind": Loader(
         "mind",
@@ -706,6 +812,8 @@ LOADERS: dict[str, Loader] = {
         {"categories": "auto"},
         _mind_files,
         _load_mind,
+        types={"categories": "bool|str"},
+        choices={"categories": ("auto", True, False)},
     ),
     "csv": Loader(
         "csv",
@@ -726,5 +834,5 @@ def load_interactions(name: str, data_dir, *, skip_bad_rows: bool = False, **opt
     try:
         loader = LOADERS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset loader {name!r}; known: {sorted(LOADERS)}") from None
+        raise UnknownNameError(f"unknown dataset loader {name!r}; known: {sorted(LOADERS)}") from None
     return loader(os.fspath(data_dir), skip_bad_rows=skip_bad_rows, **options)

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tdr_jax.data._read import to_numpy
+from tdr_jax.errors import InputError
 
 __all__ = [
     "Dataset",
@@ -320,7 +321,7 @@ def preprocess(
             raise ValueError(f"interaction table lacks column {c!r} (has {table.column_names})")
     n_rows = table.num_rows
     if n_rows == 0:
-        raise ValueError("no interactions to preprocess: the loaded table is empty")
+        raise InputError("no interactions to preprocess: the loaded table is empty")
     for c in ("user", "item", "timestamp"):
         if table[c].null_count:
             raise ValueError(f"interaction table has {table[c].null_count} null value(s) in {c!r}")
@@ -331,9 +332,10 @@ def preprocess(
     keep_user = counts >= min_n
     n_users_before = len(counts)
     if not keep_user.any():
-        raise ValueError(
-            f"min_user_interactions={min_n} removed every user: {n_users_before} users, "
-            f"{n_rows} interactions, the most active user has {int(counts.max())}"
+        raise InputError(
+            f"no data left after filtering: min_user_interactions={min_n} removed every user: "
+            f"{n_users_before} users, {n_rows} interactions, the most active user has "
+            f"{int(counts.max())}"
         )
     row_keep = keep_user[ucode]
     if not row_keep.all():

@@ -1,29 +1,44 @@
 """Synthetic interaction data with a known Bayes-optimal answer.
 
-Generative process (all draws from one seeded numpy Generator):
+Generative process (all draws from seeded numpy Generators):
 
 * Taxonomy: `num_top` top categories, each with `num_sub` sub-categories (C = num_top * num_sub
-  leaf categories). Every item belongs to one leaf category (category sizes vary).
-* Popularity: inside a category, item of popularity rank r has weight (r + 1) ** -zipf_exponent.
-* A user's interest is a Dirichlet tree: theta_top ~ Dir(alpha_top), and for every top category t,
-  theta_sub[t] ~ Dir(alpha_sub[t]); P(category (t, s)) = theta_top[t] * theta_sub[t, s]. Small
-  concentrations make users interested in a few categories (sparse mixtures). The prior means
-  carry a global category popularity.
-* Each interaction draws a category from the user's interest, then an item from the category's
-  Zipf distribution. With drift hazard rho > 0, before each interaction after the first the
-  user's interest is redrawn from the prior with probability rho (slow drift by change points).
+  leaf categories, the *published* categories), each split into up to `num_clusters` hidden
+  clusters (K = C * num_clusters cluster ids, category-major: k = c * num_clusters + m). Every
+  item belongs to one cluster. Category sizes vary.
+* Shapes (world v2): a fraction `flat_fraction` of the categories are large and flat (size
+  weight x `flat_size_factor`, prior mass x `flat_mass_factor`, Zipf exponent
+  `flat_zipf_exponent`), the others small and peaked (Zipf exponent `zipf_exponent`). Inside a
+  category, the item of popularity rank r has weight (r + 1) ** -exponent; an item's
+  probability inside its cluster is its weight renormalized over the cluster.
+* A user's interest is a Dirichlet tree over top -> sub -> cluster: theta_top ~ Dir(alpha_top),
+  theta_sub[t] ~ Dir(alpha_sub[t]), theta_cluster[c] ~ Dir(alpha_cluster[c]); P(cluster k) =
+  theta_top[t] * theta_sub[t, s] * theta_cluster[c, m]. Small concentrations make users sparse
+  mixtures; the prior means carry a global popularity of categories and clusters. The cluster
+  level makes the ranking inside a category personal (two users of one category prefer
+  different clusters of it), and the clusters are never published.
+* Each interaction draws a cluster from the user's interest, then an item from the cluster's
+  popularity. With drift hazard rho > 0, before each interaction after the first the user's
+  interest is redrawn from the prior with probability rho (drift by change points), so recent
+  history tells more than old history.
 * The published category of an item is noisy: a fraction `label_noise` of items carry a wrong,
-  uniformly drawn category. The true one is kept for evaluation.
+  uniformly drawn category. The true one is kept for evaluation. With `categories=False` the
+  csv has no category column at all (as in many real files).
 
 Because the model is conjugate, the posterior predictive of the next interaction given the
-visible history is closed form (counts plus concentrations, per level of the taxonomy); with
-drift it is exact too, by Bayesian online change-point recursion over the run length of the
-current segment. `SyntheticWorld.eta` returns, for each user, the true probability of each item
-being a label event (the mean over the label horizon of the k-step-ahead predictive), and the
-oracle retrieves the top K of it: the Bayes-optimal retriever in the sense of TDR sec. 3.3/4.2.
+visible history is closed form (counts plus concentrations at each level of the Dirichlet
+tree); with drift it is exact too, by Bayesian online change-point recursion over the run
+length of the current segment. `SyntheticWorld.eta` returns, for each user, the true
+probability of each item being a label event (the mean over the label horizon of the k-step-
+ahead predictive), and the oracle retrieves the top K of it: the Bayes-optimal retriever in the
+sense of TDR sec. 3.3/4.2.
 
-The data are written in the generic csv format (`user,item,timestamp,category`) and read back
-through the same csv loader as users' own data.
+Worlds (`WORLDS`, `world_config`): `v2` is the project's synthetic default; `v1` is the earlier
+default (no clusters, one shape, Zipf(1), no drift, 20% wrong categories), kept so that its
+figures stay reproducible: its draws are exactly those of the earlier generator.
+
+The data are written in the generic csv format (`user,item,timestamp[,category]`) and read
+back through the same csv loader as users' own data.
 """
 
 from __future__ import annotations
@@ -39,24 +54,47 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-  """Settings of the generator. The defaults are the project's synthetic default."""
+  """Settings of the generator. The defaults are the project's synthetic default (world v2)."""
   num_users: int = 8000
   num_items: int = 5000  # ceil(log2 5000) = 13 tree levels below the root with B = 2
   num_top: int = 16
   num_sub: int = 8
+  num_clusters: int = 4  # hidden clusters per published category (1 = none)
   min_len: int = 15
   mean_extra_len: float = 25.0  # sequence length = min_len + Geometric extra, capped
   max_len: int = 200
-  alpha_top: float = 0.4  # total top-level concentration is alpha_top * num_top
+  alpha_top: float = 0.3  # total top-level concentration is alpha_top * num_top
   alpha_sub: float = 0.4  # per top category: alpha_sub * num_sub
-  zipf_exponent: float = 1.0
-  drift: float = 0.0  # change-point hazard per interaction
-  label_noise: float = 0.2
+  alpha_cluster: float = 0.15  # per category: alpha_cluster * (its number of clusters)
+  zipf_exponent: float = 1.2  # inside peaked categories (all categories when flat_fraction=0)
+  flat_fraction: float = 0.25  # share of large flat categories
+  flat_size_factor: float = 6.0
+  flat_mass_factor: float = 3.0
+  flat_zipf_exponent: float = 0.2
+  drift: float = 0.03  # change-point hazard per interaction
+  label_noise: float = 0.5
+  categories: bool = True  # False: the csv has no category column
+  version: str = "v2"  # v1: the earlier generator's draws, exactly
   seed: int = 0
 
   def digest(self) -> str:
     blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# The named worlds of `--synthetic_world`: overrides of SyntheticConfig's defaults.
+WORLDS: dict[str, dict] = {
+    "v2": {},
+    "v1": dict(version="v1", num_clusters=1, alpha_top=0.4, zipf_exponent=1.0,
+               flat_fraction=0.0, drift=0.0, label_noise=0.2),
+}
+
+
+def world_config(name: str = "v2", *, categories: bool = True, **overrides) -> SyntheticConfig:
+  """SyntheticConfig of the named world with `overrides` (num_users, num_items, seed, ...)."""
+  if name not in WORLDS:
+    raise ValueError(f"--synthetic_world={name!r}: choose from {sorted(WORLDS)}")
+  return SyntheticConfig(**{**WORLDS[name], "categories": bool(categories), **overrides})
 
 
 @dataclasses.dataclass
@@ -66,82 +104,113 @@ class SyntheticWorld:
   Attributes:
     config: the SyntheticConfig.
     item_category: int32[N] true leaf category c = t * num_sub + s of every generator item.
+    item_cluster: int32[N] hidden cluster k = c * num_clusters + m of every item.
     observed_category: int32[N] the published (noisy) category.
-    item_in_cat_prob: float64[N] P(item | its category) (Zipf within the category).
+    item_in_cat_prob: float64[N] global P(item | its category).
+    item_in_cluster_prob: float64[N] P(item | its cluster).
+    flat: bool[C] the large flat categories.
     alpha_top: float64[num_top] top-level Dirichlet concentrations.
     alpha_sub: float64[num_top, num_sub] sub-level concentrations.
+    alpha_cluster: float64[C, num_clusters] cluster-level concentrations (0 = no such cluster).
   """
   config: SyntheticConfig
   item_category: np.ndarray
+  item_cluster: np.ndarray
   observed_category: np.ndarray
   item_in_cat_prob: np.ndarray
+  item_in_cluster_prob: np.ndarray
+  flat: np.ndarray
   alpha_top: np.ndarray
   alpha_sub: np.ndarray
+  alpha_cluster: np.ndarray
 
   @property
   def num_categories(self) -> int:
     return self.config.num_top * self.config.num_sub
 
-  # -- predictive distributions ------------------------------------------------------------
-  def prior_category_probs(self) -> np.ndarray:
-    """float64[C]: P(category) under the prior (the predictive of an empty history)."""
-    return self._cat_probs_from_counts(np.zeros((1, self.num_categories)))[0]
+  @property
+  def num_cluster_ids(self) -> int:
+    return self.num_categories * self.config.num_clusters
 
-  def _cat_probs_from_counts(self, counts: np.ndarray) -> np.ndarray:
-    """Posterior predictive over categories of the Dirichlet tree.
+  # -- predictive distributions ------------------------------------------------------------
+  def _cluster_probs_from_counts(self, counts: np.ndarray) -> np.ndarray:
+    """Posterior predictive over clusters of the Dirichlet tree.
 
     Args:
-      counts: float[..., C] category counts of the observed segment.
+      counts: float[..., K] cluster counts of the observed segment (K = C * num_clusters).
     Returns:
-      float64[..., C].
+      float64[..., K]; entries of clusters that do not exist are 0.
     """
     cfg = self.config
-    # [..., C] -> [..., num_top, num_sub]: categories are laid out top-major.
-    sub_counts = counts.reshape(counts.shape[:-1] + (cfg.num_top, cfg.num_sub))
-    top_counts = sub_counts.sum(-1)
-    p_top = (self.alpha_top + top_counts) / (self.alpha_top.sum() + top_counts.sum(-1, keepdims=True))
-    p_sub = (self.alpha_sub + sub_counts) / (self.alpha_sub.sum(-1) + top_counts)[..., None]
-    # [..., num_top, num_sub] -> [..., C]
-    return (p_top[..., None] * p_sub).reshape(counts.shape)
+    lead = counts.shape[:-1]
+    # [..., K] -> [..., T, S, M]: cluster ids are category-major, categories top-major.
+    clu = counts.reshape(lead + (cfg.num_top, cfg.num_sub, cfg.num_clusters))
+    sub = clu.sum(-1)
+    top = sub.sum(-1)
+    a_clu = self.alpha_cluster.reshape(cfg.num_top, cfg.num_sub, cfg.num_clusters)
+    p_top = (self.alpha_top + top) / (self.alpha_top.sum() + top.sum(-1, keepdims=True))
+    p_sub = (self.alpha_sub + sub) / (self.alpha_sub.sum(-1) + top)[..., None]
+    p_clu = (a_clu + clu) / (a_clu.sum(-1) + sub)[..., None]
+    return (p_top[..., None, None] * p_sub[..., None] * p_clu).reshape(counts.shape)
 
-  def category_predictive(self, history: Sequence[int], *, horizon: int = 1) -> np.ndarray:
-    """Mean over k = 1..horizon of P(category of interaction n + k | history of length n).
+  def prior_cluster_probs(self) -> np.ndarray:
+    """float64[K]: P(cluster) under the prior (the predictive of an empty history)."""
+    return self._cluster_probs_from_counts(np.zeros((1, self.num_cluster_ids)))[0]
+
+  def prior_item_probs(self) -> np.ndarray:
+    """float64[N]: the predictive of an empty history (the generator's item popularity)."""
+    return self.prior_cluster_probs()[self.item_cluster] * self.item_in_cluster_prob
+
+  def prior_category_probs(self) -> np.ndarray:
+    """float64[C]: P(category) under the prior."""
+    return self.prior_cluster_probs().reshape(self.num_categories, -1).sum(-1)
+
+  def cluster_predictive(self, history: Sequence[int], *, horizon: int = 1) -> np.ndarray:
+    """Mean over k = 1..horizon of P(cluster of interaction n + k | history of length n).
 
     Args:
       history: generator item ids of the visible history, oldest first.
       horizon: number of future interactions averaged over (the label set's length).
     Returns:
-      float64[C], sums to 1.
+      float64[K], sums to 1.
     """
-    cats = self.item_category[np.asarray(history, dtype=np.int64)]
-    num_cat = self.num_categories
+    clus = self.item_cluster[np.asarray(history, dtype=np.int64)]
+    num_k = self.num_cluster_ids
     rho = self.config.drift
-    n = len(cats)
+    n = len(clus)
     if n == 0:
-      return self.prior_category_probs()
-    onehot = np.zeros((n, num_cat))
-    onehot[np.arange(n), cats] = 1.0
-    cum = np.concatenate([np.zeros((1, num_cat)), np.cumsum(onehot, axis=0)])  # [n+1, C]
+      return self.prior_cluster_probs()
+    onehot = np.zeros((n, num_k))
+    onehot[np.arange(n), clus] = 1.0
+    cum = np.concatenate([np.zeros((1, num_k)), np.cumsum(onehot, axis=0)])  # [n+1, K]
     if rho == 0.0:
-      return self._cat_probs_from_counts(cum[n][None])[0]
+      return self._cluster_probs_from_counts(cum[n][None])[0]
     # Bayesian online change-point recursion. log_w[r-1] = log P(run length r | x_1..x_t),
-    # run length = number of interactions in the current segment (x_t included).
-    prior = self.prior_category_probs()
+    # run length = number of interactions in the current segment (x_t included). The item's
+    # probability inside its cluster is the same under every run length and cancels.
+    prior = self.prior_cluster_probs()
     log_w = np.zeros(1)
     for t in range(1, n):
-      c = cats[t]
+      k = clus[t]
       r = np.arange(1, t + 1)
-      seg_counts = cum[t][None] - cum[t - r]  # [t, C] counts of the last r interactions
-      p_cont = self._cat_probs_from_counts(seg_counts)[:, c]
+      seg_counts = cum[t][None] - cum[t - r]  # [t, K] counts of the last r interactions
+      p_cont = self._cluster_probs_from_counts(seg_counts)[:, k]
       grow = log_w + np.log1p(-rho) + np.log(p_cont)
-      reset = np.logaddexp.reduce(log_w) + np.log(rho) + np.log(prior[c])
+      reset = np.logaddexp.reduce(log_w) + np.log(rho) + np.log(prior[k])
       log_w = np.concatenate([[reset], grow])
       log_w -= np.logaddexp.reduce(log_w)
     r = np.arange(1, n + 1)
-    seg_probs = self._cat_probs_from_counts(cum[n][None] - cum[n - r])  # [n, C]
+    seg_probs = self._cluster_probs_from_counts(cum[n][None] - cum[n - r])  # [n, K]
     p_seg = np.exp(log_w) @ seg_probs
+    # k steps ahead the segment survives with probability (1 - rho)^k; after a change point
+    # the (unobserved) new segment's draws follow the prior predictive.
     keep = np.mean((1.0 - rho) ** np.arange(1, horizon + 1))
     return keep * p_seg + (1.0 - keep) * prior
+
+  def category_predictive(self, history: Sequence[int], *, horizon: int = 1) -> np.ndarray:
+    """float64[C]: the cluster predictive summed per category."""
+    p = self.cluster_predictive(history, horizon=horizon)
+    return p.reshape(self.num_categories, -1).sum(-1)
 
   def eta(self, histories: Iterable[Sequence[int]], *, horizons: Sequence[int] | None = None
           ) -> np.ndarray:
@@ -158,37 +227,67 @@ class SyntheticWorld:
     if horizons is None:
       horizons = [1] * len(histories)
     if self.config.drift == 0.0:
-      counts = np.zeros((len(histories), self.num_categories))
+      counts = np.zeros((len(histories), self.num_cluster_ids))
       for u, h in enumerate(histories):
-        counts[u] = np.bincount(self.item_category[np.asarray(h, dtype=np.int64)],
-                                minlength=self.num_categories)
-      cat = self._cat_probs_from_counts(counts)
+        counts[u] = np.bincount(self.item_cluster[np.asarray(h, dtype=np.int64)],
+                                minlength=self.num_cluster_ids)
+      clu = self._cluster_probs_from_counts(counts)
     else:
-      cat = np.stack([self.category_predictive(h, horizon=m) for h, m in zip(histories, horizons)])
-    return cat[:, self.item_category] * self.item_in_cat_prob[None, :]
+      clu = np.stack([self.cluster_predictive(h, horizon=m) for h, m in zip(histories, horizons)])
+    return clu[:, self.item_cluster] * self.item_in_cluster_prob[None, :]
 
 
 def make_world(config: SyntheticConfig) -> SyntheticWorld:
-  """Draws the taxonomy, category sizes, popularity and priors from `config.seed`."""
+  """Draws the taxonomy, shapes, clusters, popularity and priors from `config.seed`.
+
+  The draws of stream [seed, 0] are those of world v1 (which has no flat categories and one
+  cluster per category); what v2 adds is drawn from stream [seed, 2]."""
   rng = np.random.default_rng([config.seed, 0])
+  extra = np.random.default_rng([config.seed, 2])
   num_cat = config.num_top * config.num_sub
   n = config.num_items
+  m_max = config.num_clusters
   if n < num_cat:
     raise ValueError(f"num_items={n} must be at least the number of categories {num_cat}")
+  if m_max < 1:
+    raise ValueError(f"num_clusters={m_max} must be at least 1")
+  flat = np.zeros(num_cat, bool)
+  if config.flat_fraction > 0:
+    flat = extra.random(num_cat) < config.flat_fraction
   # Category sizes: every category gets one item, the rest spread by Dirichlet weights.
   weights = rng.dirichlet(np.full(num_cat, 2.0))
+  if flat.any():
+    weights = np.where(flat, config.flat_size_factor, 1.0) * weights
+    weights /= weights.sum()
   sizes = 1 + rng.multinomial(n - num_cat, weights)
   item_category = np.repeat(np.arange(num_cat), sizes)
   rng.shuffle(item_category)
+  exponent = np.where(flat, config.flat_zipf_exponent, config.zipf_exponent)
   item_in_cat_prob = np.zeros(n)
+  item_cluster = np.zeros(n, np.int64)
+  alpha_cluster = np.zeros((num_cat, m_max))
   for c in range(num_cat):
     members = np.flatnonzero(item_category == c)
     rank = rng.permutation(len(members))
-    w = (rank + 1.0) ** -config.zipf_exponent
+    w = (rank + 1.0) ** -exponent[c]
     item_in_cat_prob[members] = w / w.sum()
+    m_c = min(m_max, len(members))
+    if m_max > 1:
+      # Every cluster of the category gets one item, the rest uniformly at random.
+      slot = np.concatenate([np.arange(m_c), extra.integers(0, m_c, len(members) - m_c)])
+      item_cluster[members] = c * m_max + extra.permutation(slot)
+      alpha_cluster[c, :m_c] = config.alpha_cluster * m_c * extra.dirichlet(np.full(m_c, 3.0))
+    else:
+      item_cluster[members] = c
+      alpha_cluster[c, 0] = 1.0  # one cluster: P(cluster | category) = 1 for any value
+  in_cluster = np.bincount(item_cluster, weights=item_in_cat_prob, minlength=num_cat * m_max)
+  item_in_cluster_prob = item_in_cat_prob / in_cluster[item_cluster]
   # Global popularity of categories enters through the prior means.
   top_mean = rng.dirichlet(np.full(config.num_top, 3.0))
   sub_mean = rng.dirichlet(np.full(config.num_sub, 3.0), size=config.num_top)
+  if flat.any():
+    sub_mean = sub_mean * np.where(flat, config.flat_mass_factor, 1.0).reshape(sub_mean.shape)
+    sub_mean /= sub_mean.sum(-1, keepdims=True)
   alpha_top = config.alpha_top * config.num_top * top_mean
   alpha_sub = config.alpha_sub * config.num_sub * sub_mean
   observed = item_category.copy()
@@ -196,16 +295,53 @@ def make_world(config: SyntheticConfig) -> SyntheticWorld:
   shift = rng.integers(1, num_cat, size=n)  # a uniformly drawn *different* category
   observed[noisy] = (item_category[noisy] + shift[noisy]) % num_cat
   return SyntheticWorld(config=config, item_category=item_category.astype(np.int32),
+                        item_cluster=item_cluster.astype(np.int32),
                         observed_category=observed.astype(np.int32),
-                        item_in_cat_prob=item_in_cat_prob, alpha_top=alpha_top,
-                        alpha_sub=alpha_sub)
+                        item_in_cat_prob=item_in_cat_prob,
+                        item_in_cluster_prob=item_in_cluster_prob, flat=flat,
+                        alpha_top=alpha_top, alpha_sub=alpha_sub, alpha_cluster=alpha_cluster)
 
 
 def _dirichlet_rows(rng: np.random.Generator, alpha: np.ndarray, rows: int) -> np.ndarray:
-  """float64[rows, *alpha.shape]: independent Dirichlet draws over the last axis."""
+  """float64[rows, *alpha.shape]: independent Dirichlet draws over the last axis.
+
+  Entries with alpha = 0 are 0 (a cluster that does not exist)."""
   g = rng.gamma(np.broadcast_to(alpha, (rows,) + alpha.shape))
-  g = np.maximum(g, 1e-300)
+  g = np.maximum(g, 1e-300) * (alpha > 0)
   return g / g.sum(-1, keepdims=True)
+
+
+def _draw_rows(rng: np.random.Generator, probs: np.ndarray, row_of: np.ndarray) -> np.ndarray:
+  """int64[len(row_of)]: one draw from probs[row_of[i]] (rows sum to 1) per entry."""
+  cdf = np.cumsum(probs, axis=1)
+  cdf[:, -1] = 1.0
+  u = rng.random(len(row_of))
+  out = np.empty(len(row_of), dtype=np.int64)
+  chunk = max(1, (1 << 22) // probs.shape[1])
+  for lo in range(0, len(row_of), chunk):
+    rows = cdf[row_of[lo:lo + chunk]]
+    out[lo:lo + chunk] = np.minimum((rows < u[lo:lo + chunk, None]).sum(1), probs.shape[1] - 1)
+  return out
+
+
+def _draw_within(rng: np.random.Generator, group: np.ndarray, prob: np.ndarray,
+                 wanted: np.ndarray) -> np.ndarray:
+  """Generator item ids: for each entry of `wanted` (a group id), one item of that group drawn
+  with probability `prob` (which sums to 1 over each group's items). Inverse CDF on keys
+  g + cdf_within(g), sorted group-major."""
+  num_groups = int(group.max()) + 1
+  order = np.lexsort((np.arange(len(group)), group))
+  sorted_g = group[order]
+  within = np.cumsum(prob[order])
+  first = np.searchsorted(sorted_g, sorted_g, side="left")
+  within = within - np.concatenate([[0.0], within])[first]
+  keys = sorted_g + np.minimum(within, 1.0)
+  last_of = np.searchsorted(sorted_g, np.arange(num_groups), side="right") - 1
+  present = np.bincount(group, minlength=num_groups) > 0
+  keys[last_of[present]] = np.flatnonzero(present) + 1.0
+  idx = np.searchsorted(keys, wanted + rng.random(len(wanted)), side="left")
+  idx = np.minimum(idx, last_of[wanted])
+  return order[idx]
 
 
 def sample_interactions(world: SyntheticWorld) -> dict[str, np.ndarray]:
@@ -225,45 +361,37 @@ def sample_interactions(world: SyntheticWorld) -> dict[str, np.ndarray]:
   theta_sub = _dirichlet_rows(rng, world.alpha_sub, num_seg)  # [S, T, Sub]
   # [S, T, Sub] -> [S, C], top-major like the category ids.
   p_cat = (theta_top[:, :, None] * theta_sub).reshape(num_seg, -1)
-  cdf = np.cumsum(p_cat, axis=1)
-  cdf[:, -1] = 1.0
-  u = rng.random(len(user))
-  cat = np.empty(len(user), dtype=np.int64)
-  chunk = 1 << 16
-  for lo in range(0, len(user), chunk):
-    rows = cdf[segment[lo:lo + chunk]]
-    cat[lo:lo + chunk] = np.minimum((rows < u[lo:lo + chunk, None]).sum(1), cdf.shape[1] - 1)
-  # Item inside the category: inverse CDF on keys c + cdf_within(c), sorted category-major.
-  order = np.lexsort((np.arange(cfg.num_items), world.item_category))
-  sorted_cat = world.item_category[order]
-  within = np.cumsum(world.item_in_cat_prob[order])
-  first = np.searchsorted(sorted_cat, sorted_cat, side="left")
-  within = within - np.concatenate([[0.0], within])[first]
-  keys = sorted_cat + np.minimum(within, 1.0)
-  last_of_cat = np.searchsorted(sorted_cat, np.arange(world.num_categories), side="right") - 1
-  keys[last_of_cat] = np.arange(world.num_categories) + 1.0
-  idx = np.searchsorted(keys, cat + rng.random(len(user)), side="left")
-  idx = np.minimum(idx, last_of_cat[cat])
-  item = order[idx]
+  if cfg.version == "v1":  # the earlier generator: category, then Zipf item of the category
+    cat = _draw_rows(rng, p_cat, segment)
+    item = _draw_within(rng, world.item_category.astype(np.int64), world.item_in_cat_prob, cat)
+  else:
+    theta_clu = _dirichlet_rows(rng, world.alpha_cluster, num_seg)  # [S, C, M]
+    p_clu = (p_cat[:, :, None] * theta_clu).reshape(num_seg, -1)  # [S, K] category-major
+    clu = _draw_rows(rng, p_clu, segment)
+    item = _draw_within(rng, world.item_cluster.astype(np.int64), world.item_in_cluster_prob,
+                        clu)
   timestamp = 1_500_000_000 + 60 * pos + rng.integers(0, 60, size=len(user))
   return {"user": user, "item": item.astype(np.int64), "timestamp": timestamp}
 
 
-def write_csv(path: str, inter: dict[str, np.ndarray], observed_category: np.ndarray) -> None:
-  """Writes the generic csv format: header `user,item,timestamp,category`."""
+def write_csv(path: str, inter: dict[str, np.ndarray], observed_category: np.ndarray | None
+              ) -> None:
+  """Writes the generic csv format: header `user,item,timestamp[,category]` (no category
+  column when `observed_category` is None)."""
   import pyarrow as pa
   import pyarrow.csv as pacsv
-  table = pa.table({
+  columns = {
       "user": pa.array(inter["user"]).cast(pa.string()),
       "item": pa.array(inter["item"]).cast(pa.string()),
       "timestamp": pa.array(inter["timestamp"]),
-      "category": pa.array(observed_category[inter["item"]]).cast(pa.string()),
-  })
+  }
+  if observed_category is not None:
+    columns["category"] = pa.array(observed_category[inter["item"]]).cast(pa.string())
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    f.write(b"user,item,timestamp,category\n")
-    pacsv.write_csv(table, f, write_options=pacsv.WriteOptions(include_header=False,
-                                                                quoting_style="none"))
+    f.write((",".join(columns) + "\n").encode())
+    pacsv.write_csv(pa.table(columns), f, write_options=pacsv.WriteOptions(
+        include_header=False, quoting_style="none"))
   os.replace(tmp, path)
 
 
@@ -280,7 +408,7 @@ def materialize(data_dir: str, config: SyntheticConfig | None = None) -> tuple[s
   if not os.path.exists(csv_path):
     os.makedirs(folder, exist_ok=True)
     inter = sample_interactions(world)
-    write_csv(csv_path, inter, world.observed_category)
+    write_csv(csv_path, inter, world.observed_category if config.categories else None)
     with open(os.path.join(folder, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(config), f, indent=1, sort_keys=True)
   return folder, world

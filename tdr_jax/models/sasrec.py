@@ -56,6 +56,7 @@ from flax import nnx
 
 from tdr_jax import losses
 from tdr_jax.data.preprocess import corpus_fingerprint, train_batch, training_samples
+from tdr_jax.errors import InputError
 
 __all__ = [
     "SASRec",
@@ -380,12 +381,12 @@ def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: fl
                               ("corpus_fingerprint", "corpus")):
                 if got.get(key) != meta[key]:
                     manager.close()
-                    raise ValueError(
+                    raise InputError(
                         f"SASRec checkpoint {ckpt_dir} (step {latest}) was written for other "
                         f"{what} ({key} {got.get(key)} != {meta[key]}); use another workdir")
             if latest > total_steps:
                 manager.close()
-                raise ValueError(
+                raise InputError(
                     f"SASRec checkpoint {ckpt_dir} is at step {latest}, beyond the "
                     f"{total_steps} steps of epochs={epochs}; use another workdir")
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
