@@ -56,6 +56,13 @@ flags.DEFINE_enum("tree_assignment", None, ["greedy", "priced"],
                   "Capacity rule of tree learning: the paper's greedy pass on the matching "
                   "scores, or the same pass on scores minus Sinkhorn capacity prices (default).")
 flags.DEFINE_bool("forest", None, "Also retrieve with the forest of every round's tree+model.")
+flags.DEFINE_enum("initial_tree", None, ["auto", "category", "kmeans", "random"],
+                  "Initial tree: categories, balanced k-means over warm-start item vectors, "
+                  "random, or auto (categories when they are present and informative, else "
+                  "k-means; the run prints which and why).")
+flags.DEFINE_bool("warm_start", None, "Initialise the node embeddings of the tree methods and "
+                  "of brute-force DIN from warm-start item vectors (a two-tower model).")
+flags.DEFINE_float("warm_start_epochs", None, "Epochs of the warm-start two-tower model.")
 flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
                   "estimator trained once per workdir.")
 flags.DEFINE_integer("otm_beam_size", None, "OTM: beam size of the training beam search.")
@@ -110,7 +117,8 @@ def config_from_flags() -> experiment.Config:
       checkpoint_every=FLAGS.checkpoint_every, tree_rounds=FLAGS.tree_rounds,
       tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
       tree_users_per_item=FLAGS.tree_users_per_item, tree_assignment=FLAGS.tree_assignment,
-      forest=FLAGS.forest,
+      forest=FLAGS.forest, initial_tree=FLAGS.initial_tree, warm_start=FLAGS.warm_start,
+      warm_start_epochs=FLAGS.warm_start_epochs,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
       synthetic_world=FLAGS.synthetic_world, synthetic_categories=FLAGS.synthetic_categories,
       loader_options=loader_options, skip_bad_rows=FLAGS.skip_bad_rows,

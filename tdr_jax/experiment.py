@@ -100,6 +100,9 @@ class Config:
   synthetic_items: int = 5000
   synthetic_world: str = "v2"  # generator version (data.synthetic.WORLDS); v1 = the old default
   synthetic_categories: bool = True  # False: the csv has no category column
+  warm_start: bool = True  # node embeddings (tree methods, DIN) from warm-start item vectors
+  warm_start_epochs: float = 3.0  # epochs of the warm-start two-tower model
+  initial_tree: str = "auto"  # auto, category, kmeans (over warm-start vectors) or random
   loader_options: tuple = ()  # sorted ((key, value), ...) of the loader (typed by parse_options)
   skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
 
@@ -118,7 +121,8 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(num_negatives=70, beam_size=150, history_len=69, windows=PAPER_WINDOWS,
                   embed_dim=24, attention_hidden=(36,), mlp_hidden=(128, 64), batch_size=256,
-                  epochs=1.0, tree_rounds=12, tree_gap=7),
+                  epochs=1.0, tree_rounds=12, tree_gap=7, initial_tree="category",
+                  warm_start=False),
     "default": dict(num_negatives=16, beam_size=60, history_len=20,
                     windows=(1, 1, 1, 2, 2, 2, 5, 6), attention_hidden=(16,),
                     mlp_hidden=(64, 32), batch_size=256, epochs=1.0, full_softmax_nodes=64,
@@ -129,6 +133,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   max_train_samples=800, checkpoint_every=10, log_every=5, eval_batch_size=32,
                   tree_rounds=2, tree_gap=3, tree_users_per_item=5),
 }
+
+
+INITIAL_TREES = ("auto", "category", "kmeans", "random")
 
 
 def make_config(preset: str = "default", **overrides) -> Config:
@@ -156,6 +163,10 @@ def make_config(preset: str = "default", **overrides) -> Config:
       raise InputError(f"--dr_preset={cfg.dr_preset!r}: choose from {sorted(dr_lib.PRESETS)}")
   if cfg.tree_assignment not in ("greedy", "priced"):
     raise InputError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
+  if cfg.initial_tree not in INITIAL_TREES:
+    raise InputError(f"--initial_tree={cfg.initial_tree!r}: choose from {', '.join(INITIAL_TREES)}")
+  if cfg.warm_start_epochs <= 0:
+    raise InputError(f"--warm_start_epochs={cfg.warm_start_epochs} must be positive")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm", "none"):
     raise InputError(f"--tree_learning={cfg.tree_learning!r}: choose tdr, jtm, tdm or none")
   if cfg.beam_size < max(cfg.topk):
@@ -225,6 +236,50 @@ def build_model(cfg: Config, tree: tree_lib.Tree):
                      jnp.asarray(tree.level_offsets), level=level)
 
   return score_fn, params
+
+
+def warm_params(cfg: Config, params, tree: tree_lib.Tree, vectors: np.ndarray):
+  """The scorer's node-embedding table set from warm-start item vectors
+  (`warm_start.node_rows`, at the RMS of the table it replaces); other parameters unchanged."""
+  from tdr_jax import warm_start
+
+  def init(path, x):
+    if jax.tree_util.keystr(path).startswith("['embed']['embedding']"):
+      x = np.asarray(x)
+      rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+      return jnp.asarray(warm_start.node_rows(vectors, tree, width=x.shape[1], rms=rms,
+                                              seed=cfg.seed))
+    return x
+  return jax.tree_util.tree_map_with_path(init, params)
+
+
+def resolve_initial_tree(cfg: Config, ds) -> tuple[str, str]:
+  """(category | kmeans | random, why) for `cfg.initial_tree` on this dataset."""
+  if cfg.initial_tree != "auto":
+    return cfg.initial_tree, f"--initial_tree={cfg.initial_tree}"
+  from tdr_jax import warm_start
+  ok, info = warm_start.informative_categories(ds, training_samples(cfg, ds),
+                                               history_len=cfg.history_len)
+  return ("category" if ok else "kmeans"), "auto: " + info["reason"]
+
+
+def build_initial_tree(cfg: Config, ds, kind: str, vectors) -> tree_lib.Tree:
+  rng = np.random.default_rng([cfg.seed, 3])
+  if kind == "category":
+    return tree_lib.build_from_categories(rng, ds.item_category, branching=cfg.branching)
+  if kind == "kmeans":
+    return tree_lib.build_kmeans(rng, np.asarray(vectors, np.float32), branching=cfg.branching)
+  return tree_lib.build_random(rng, ds.num_items, branching=cfg.branching)
+
+
+def remap_params(params, old: tree_lib.Tree, new: tree_lib.Tree):
+  """The scorer's parameters with its per-node rows (the node-embedding table) moved from tree
+  `old` to tree `new` (`tree.remap_node_rows`); every other parameter is unchanged."""
+  def move(path, x):
+    if jax.tree_util.keystr(path).startswith("['embed']['embedding']"):
+      return jnp.asarray(tree_lib.remap_node_rows(np.asarray(x), old, new))
+    return x
+  return jax.tree_util.tree_map_with_path(move, params)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -591,20 +646,24 @@ def plot_curves(path: str, rounds: list[dict], forest_curve: list[dict], ks: Seq
   plt.close(fig)
 
 
-def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
+def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh,
+             warm: dict | None = None) -> dict:
   """Joint learning (JTM Algorithm 1) of one TDR variant.
 
   Round r trains the model on tree r (continuing from the previous round's parameters),
   evaluates it, and (except after the last round) learns tree r+1 with the model fixed. Every
   round's (tree, model) is checkpointed under workdir/round_<r>/ and workdir/trees/; a rerun
   resumes inside the unfinished round. Returns rows (final tree, forest), estimator rows,
-  per-round rows and the forest curve.
+  per-round rows and the forest curve. `warm` (from `warm_start_setup`): the initial tree's
+  kind and the warm-start item vectors.
   """
   os.makedirs(workdir, exist_ok=True)
-  tree = tree_lib.build_from_categories(np.random.default_rng([cfg.seed, 3]), ds.item_category,
-                                        branching=cfg.branching)
+  warm = warm or warm_start_setup(cfg, ds, workdir)
+  tree = build_initial_tree(cfg, ds, warm["initial_tree"], warm["vectors"])
   tree_lib.validate(tree)
   score_fn, params = build_model(cfg, tree)
+  if cfg.warm_start:
+    params = warm_params(cfg, params, tree, warm["vectors"])
   corpus_fp = corpus_fingerprint(ds)
   samples = training_samples(cfg, ds)
   _, round_steps = steps_per_round(cfg, len(samples))
@@ -625,6 +684,7 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
   for r in range(cfg.tree_rounds):
     tree_path = os.path.join(tree_dir, f"round_{r}.npy")
     if r > 0:
+      old_tree = tree
       if os.path.exists(tree_path):
         tree = tree_lib.from_item_to_leaf(np.load(tree_path), branching=cfg.branching,
                                           num_items=ds.num_items)
@@ -634,6 +694,9 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
         tree, tree_seconds = next_tree(cfg, ds, samples, tree, score_fn, params, r)
         print(f"round {r}: tree learned ({cfg.tree_learning}, gap {cfg.tree_gap}) in "
               f"{tree_seconds:.1f}s")
+      # The scorer looks nodes up by position: carry its node rows over to the new tree (a
+      # leaf's row follows its item). A round checkpoint, when there is one, replaces them.
+      params = remap_params(params, old_tree, tree)
     else:
       tree_seconds = 0.0
     if not os.path.exists(tree_path):
@@ -674,12 +737,14 @@ def _run_tdr(cfg: Config, workdir: str, ds, world, ev, eta, mesh: Mesh) -> dict:
           f"F@{k0} {row[f'f_measure@{k0}']:.4f}{extra}")
 
   settings = {"sampler": cfg.sampler, "num_negatives": cfg.num_negatives,
-              "beam_size": cfg.beam_size, "tree_rounds": cfg.tree_rounds,
+              "initial_tree": warm["initial_tree"], "initial_tree_why": warm["why"],
+              "warm_start": warm["info"], "beam_size": cfg.beam_size,
+              "tree_rounds": cfg.tree_rounds,
               "tree_learning": cfg.tree_learning, "tree_gap": cfg.tree_gap,
               "tree_height": tree.height, "test_users": int(len(ev.users))}
   final = dict(rounds[-1])
   final["method"] = label
-  final["train_seconds"] = total_train
+  final["train_seconds"] = total_train + (warm["info"] or {}).get("train_seconds", 0.0)
   final["settings"] = dict(final["settings"], **settings)
   for key in ("round", "category_purity", "purity_mislabelled", "purity_labelled"):
     final.pop(key, None)
@@ -748,6 +813,23 @@ def dr_settings(cfg: Config):
       em_rounds=cfg.dr_em_rounds if cfg.dr_em_rounds >= 0 else None)
 
 
+def warm_start_setup(cfg: Config, ds, workdir: str) -> dict:
+  """The initial tree's kind (and why) and, when the warm start or a k-means tree needs them,
+  the warm-start item vectors (trained once, checkpointed under workdir/warm_start)."""
+  from tdr_jax import warm_start
+  kind, why = resolve_initial_tree(cfg, ds)
+  vectors, info = None, None
+  if cfg.warm_start or kind == "kmeans":
+    vectors, info = warm_start.item_vectors(
+        ds, warm_start.WarmStartConfig(epochs=cfg.warm_start_epochs), seed=cfg.seed,
+        batch_size=cfg.batch_size, history_len=cfg.history_len,
+        max_train_samples=cfg.max_train_samples, workdir=workdir)
+    print(f"warm start: two-tower item vectors, {info['epochs']:g} epochs, "
+          f"{info['train_seconds']:.1f}s training")
+  print(f"initial tree: {kind} ({why})")
+  return {"initial_tree": kind, "why": why, "vectors": vectors, "info": info}
+
+
 def _run_dr(cfg: Config, workdir: str, ds, ev, eta) -> dict:
   """Deep Retrieval (tdr_jax.dr) as one results row."""
   from tdr_jax import dr as dr_lib
@@ -798,11 +880,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   ev = evaluation_set(cfg, ds)
   eta = synthetic_eta(world, ds, ev) if world is not None else None
   rows, estimator_rows, per_method = [], [], {}
+  warm = None
+  if any(m in TDR_VARIANTS or m == "din" for m in methods):
+    warm = warm_start_setup(cfg, ds, workdir)  # shared by every method of the table
   for name in methods:
     wd = workdir if len(methods) == 1 else os.path.join(workdir, name)
     if name in TDR_VARIANTS:
       mcfg = dataclasses.replace(cfg, **TDR_VARIANTS[name])
-      out = _run_tdr(mcfg, wd, ds, world, ev, eta, mesh)
+      out = _run_tdr(mcfg, wd, ds, world, ev, eta, mesh, warm=warm)
       rows += out["rows"]
       if not estimator_rows:
         estimator_rows = out["estimator_rows"]
@@ -819,10 +904,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         options = dict(windows=cfg.windows, embed_dim=cfg.embed_dim,
                        attention_hidden=cfg.attention_hidden, mlp_hidden=cfg.mlp_hidden,
                        num_negatives=max(cfg.num_negatives, 1))
+        if cfg.warm_start:
+          options["item_vectors"] = warm["vectors"]
       retrieved, seconds, settings = baselines.run_baseline(
           name, ds, ev, topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len,
           epochs=cfg.epochs, batch_size=cfg.batch_size,
           max_train_samples=cfg.max_train_samples, workdir=wd, **options)
+      if "item_vectors" in options:  # its warm start is part of its training cost
+        seconds += warm["info"]["train_seconds"]
+        settings["warm_start"] = warm["info"]
       rows.append(result_row(baselines.LABELS[name], retrieved, ev, ds, cfg, eta,
                              train_seconds=seconds, settings=settings))
       print(format_table(rows[-1:], cfg.topk))

@@ -51,6 +51,7 @@ __all__ = [
     "leaf_range",
     "item_leaf_nodes",
     "leaf_order",
+    "remap_node_rows",
     "validate",
     "from_leaf_order",
     "from_item_to_leaf",
@@ -356,6 +357,41 @@ def leaf_order(tree: Tree) -> np.ndarray:
     """``int32[N]``: items sorted by leaf index (inverse of :func:`from_leaf_order`)."""
     l2i = np.asarray(tree.leaf_to_item)
     return l2i[l2i >= 0].astype(np.int32)
+
+
+def remap_node_rows(rows, old: Tree, new: Tree) -> np.ndarray:
+    """Per-node rows (an embedding table) moved from tree ``old`` to tree ``new``.
+
+    Both trees hold the same items with the same branching and height. A leaf's
+    row follows its item; the row of a node of ``new`` at level ``j`` is the mean
+    of the old level-``j`` ancestor rows of its items (its members' old
+    ancestors, one per member). Nodes of ``new`` without items keep their row.
+
+    Args:
+      rows: ``float[num_nodes, ...]`` rows indexed by global node id of ``old``.
+      old, new: the trees before and after the update.
+    Returns:
+      ``float[num_nodes, ...]`` rows indexed by global node id of ``new``.
+    """
+    rows = np.asarray(rows)
+    if (old.branching, old.height, old.num_items) != (new.branching, new.height, new.num_items):
+        raise ValueError(
+            f"trees differ in shape: B={old.branching}/{new.branching}, "
+            f"H={old.height}/{new.height}, N={old.num_items}/{new.num_items}"
+        )
+    if rows.shape[0] != old.num_nodes:
+        raise ValueError(f"rows has {rows.shape[0]} entries, the tree {old.num_nodes} nodes")
+    old_paths = np.asarray(old.item_paths)
+    new_paths = np.asarray(new.item_paths)
+    out = rows.copy()
+    flat = rows.reshape(rows.shape[0], -1).astype(np.float64)
+    for j in range(new.height + 1):
+        sums = np.zeros((rows.shape[0], flat.shape[1]))
+        np.add.at(sums, new_paths[:, j], flat[old_paths[:, j]])
+        counts = np.bincount(new_paths[:, j], minlength=rows.shape[0])
+        hit = counts > 0
+        out.reshape(rows.shape[0], -1)[hit] = (sums[hit] / counts[hit, None]).astype(rows.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------

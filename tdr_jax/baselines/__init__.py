@@ -42,7 +42,8 @@ _FIT_OPTIONS = {
     "youtube_dnn": ("learning_rate", "decay_rate", "embed_dim", "hidden", "num_negatives",
                     "tie_embeddings", "checkpoint_every", "log_every", "verbose"),
     "din": ("learning_rate", "decay_rate", "windows", "embed_dim", "attention_hidden",
-            "mlp_hidden", "num_negatives", "checkpoint_every", "log_every", "verbose"),
+            "mlp_hidden", "num_negatives", "checkpoint_every", "log_every", "verbose",
+            "item_vectors"),
 }
 _RETRIEVE_OPTIONS = {
     "itemcf": ("history", "exclude_history"),

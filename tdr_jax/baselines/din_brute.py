@@ -101,8 +101,11 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
         windows: Sequence[int] | None = None, embed_dim: int = 24,
         attention_hidden: Sequence[int] = (36,), mlp_hidden: Sequence[int] = (128, 64),
         num_negatives: int = 100, workdir: str | None = None, checkpoint_every: int = 500,
-        log_every: int = 50, verbose: bool = False) -> DINBrute:
-  """Trains the DIN on items (see the module docstring)."""
+        log_every: int = 50, verbose: bool = False,
+        item_vectors: np.ndarray | None = None) -> DINBrute:
+  """Trains the DIN on items (see the module docstring). `item_vectors` (float[N, D]):
+  warm-start item vectors for the initial item embeddings (`tdr_jax.warm_start.node_rows`),
+  as the tree methods of the run get them."""
   windows = tuple(int(w) for w in windows) if windows else default_windows(history_len)
   if sum(windows) != history_len:
     raise ValueError(f"windows {windows} sum to {sum(windows)}, not history_len={history_len}")
@@ -117,8 +120,16 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
                            attention_hidden=attention_hidden, mlp_hidden=mlp_hidden,
                            hierarchical=False)
   graphdef, params = nnx.split(model)
+  if item_vectors is not None:
+    from tdr_jax import warm_start
+    table = np.asarray(params["embed"]["embedding"][...])
+    rows = warm_start.node_rows(item_vectors, tree, width=table.shape[1],
+                                rms=float(np.sqrt(np.mean(table.astype(np.float64) ** 2))),
+                                seed=seed)
+    params["embed"]["embedding"] = nnx.Param(jnp.asarray(rows))
   score_fn = make_score_fn(graphdef)
   settings = {"windows": list(windows), "embed_dim": int(embed_dim),
+              "warm_start": item_vectors is not None,
               "attention_hidden": [int(a) for a in attention_hidden],
               "mlp_hidden": [int(h) for h in mlp_hidden], "num_negatives": int(num_negatives),
               "negatives": "uniform over the other items, per sample",
