@@ -246,7 +246,10 @@ def test_bad_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-  cfg = experiment.make_config("smoke", data_dir=str(tmp_path_factory.mktemp("data")))
+  # World v1 (strong item co-occurrence): 800 training samples are enough there for DR to
+  # retrieve clearly better than random, which is what these pipeline tests check.
+  cfg = experiment.make_config("smoke", data_dir=str(tmp_path_factory.mktemp("data")),
+                               synthetic_world="v1")
   ds, _ = experiment.load_data(cfg)
   ev = experiment.evaluation_set(cfg, ds)
   run = dict(topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len,

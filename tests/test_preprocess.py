@@ -211,8 +211,21 @@ def _write_csv(path, rows=ROWS):
 
 
 def test_cache_hit_and_miss(tmp_path, monkeypatch, caplog):
+    from absl import logging as absl_logging
+
     _write_csv(tmp_path / "interactions.csv")
+    # absl's verbosity is global: a test that parsed run.py's flags earlier may have left it
+    # above INFO; the messages checked below are INFO.
+    old = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
     caplog.set_level(logging.INFO)
+    try:
+        _cache_hit_and_miss(tmp_path, monkeypatch, caplog)
+    finally:
+        absl_logging.set_verbosity(old)
+
+
+def _cache_hit_and_miss(tmp_path, monkeypatch, caplog):
     first = load_dataset("csv", tmp_path, min_user_interactions=3, split=(0.6, 0.2, 0.2))
     ref = preprocess(table(), min_user_interactions=3, split=(0.6, 0.2, 0.2))
     assert first.equals(ref)

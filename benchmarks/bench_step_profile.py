@@ -1,0 +1,101 @@
+"""Where a default-preset training step spends its time: host batch assembly vs device compute.
+
+  python benchmarks/bench_step_profile.py                  # default preset, synthetic default
+  python benchmarks/bench_step_profile.py --preset=paper
+
+Times, after a compile step, `--steps` steps of the training loop of `experiment.train_model`
+three ways: (a) host only: `batch_for_step` (numpy gathers of histories and targets) plus
+`device_put`; (b) device only: the jitted step on a batch already on the device, blocked
+until ready; (c) the loop as it runs (build, put, dispatch; the host syncs every `log_every`
+steps), so (a) + (b) - (c) is the overlap the asynchronous dispatch already gets. Writes JSON
+to benchmarks/results/step_profile-<preset>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from tdr_jax import experiment, sampling, train  # noqa: E402
+
+flags.DEFINE_string("preset", "default", "Experiment preset.")
+flags.DEFINE_integer("steps", 40, "Timed steps per measurement.")
+flags.DEFINE_string("data_dir", "data/synthetic", "Synthetic data folder.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  cfg = experiment.make_config(FLAGS.preset, data_dir=FLAGS.data_dir)
+  ds, _ = experiment.load_data(cfg)
+  tree = experiment.build_initial_tree(cfg, ds, "category", None)
+  score_fn, params = experiment.build_model(cfg, tree)
+  samples = experiment.training_samples(cfg, ds)
+  steps_per_epoch, _ = experiment.steps_per_round(cfg, len(samples))
+  optimizer = train.make_optimizer(learning_rate=cfg.learning_rate, decay_steps=steps_per_epoch,
+                                   decay_rate=cfg.decay_rate)
+  step_cfg = train.StepConfig(loss=cfg.loss, sampler=cfg.sampler,
+                              num_negatives=cfg.num_negatives,
+                              full_softmax_nodes=cfg.full_softmax_nodes)
+  step_fn = jax.jit(train.make_train_step(score_fn, optimizer, step_cfg,
+                                          branching=tree.branching, height=tree.height),
+                    donate_argnums=0)
+  mesh = experiment.make_mesh()
+  data = NamedSharding(mesh, P("data"))
+  state = jax.device_put(train.init_state(params, optimizer), NamedSharding(mesh, P()))
+  tree_dev = jax.device_put(tree, NamedSharding(mesh, P()))
+  index = jax.device_put(sampling.level_index(tree), NamedSharding(mesh, P()))
+  key = jax.random.key(cfg.seed)
+  n = FLAGS.steps
+
+  def host(step):
+    return jax.device_put(experiment.batch_for_step(cfg, ds, samples, step, steps_per_epoch,
+                                                    tree.height), data)
+
+  batch = host(0)
+  state, m = step_fn(state, batch, tree_dev, index, key)  # compile
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for s in range(1, n + 1):
+    jax.block_until_ready(host(s))
+  host_s = (time.perf_counter() - t0) / n
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, m = step_fn(state, batch, tree_dev, index, key)
+    jax.block_until_ready(m)
+  device_s = (time.perf_counter() - t0) / n
+  t0 = time.perf_counter()
+  pending = []
+  for s in range(1, n + 1):
+    state, m = step_fn(state, host(s), tree_dev, index, key)
+    pending.append(m["loss"])
+    if len(pending) >= cfg.log_every:
+      jax.device_get(pending)
+      pending = []
+  jax.device_get(pending)
+  loop_s = (time.perf_counter() - t0) / n
+  out = {"preset": cfg.preset, "batch_size": cfg.batch_size, "steps": n,
+         "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+         "host_ms_per_step": 1e3 * host_s, "device_ms_per_step": 1e3 * device_s,
+         "loop_ms_per_step": 1e3 * loop_s, "host_share": host_s / (host_s + device_s),
+         "loop_samples_per_s": cfg.batch_size / loop_s}
+  print(json.dumps(out, indent=1))
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                      f"step_profile-{cfg.preset}.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
