@@ -62,6 +62,9 @@ flags.DEFINE_enum("initial_tree", None, ["auto", "category", "kmeans", "random"]
                   "k-means; the run prints which and why).")
 flags.DEFINE_bool("warm_start", None, "Initialise the node embeddings of the tree methods and "
                   "of brute-force DIN from warm-start item vectors (a two-tower model).")
+flags.DEFINE_enum("warm_start_model", None, ["svd", "two_tower"], "Warm-start item vectors: "
+                  "truncated SVD of the training user-item matrix (default) or a two-tower "
+                  "model (YouTubeDNN).")
 flags.DEFINE_float("warm_start_epochs", None, "Epochs of the warm-start two-tower model.")
 flags.DEFINE_bool("rectify", None, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec "
                   "estimator trained once per workdir.")
@@ -118,7 +121,7 @@ def config_from_flags() -> experiment.Config:
       tree_learning=FLAGS.tree_learning, tree_gap=FLAGS.tree_gap,
       tree_users_per_item=FLAGS.tree_users_per_item, tree_assignment=FLAGS.tree_assignment,
       forest=FLAGS.forest, initial_tree=FLAGS.initial_tree, warm_start=FLAGS.warm_start,
-      warm_start_epochs=FLAGS.warm_start_epochs,
+      warm_start_epochs=FLAGS.warm_start_epochs, warm_start_model=FLAGS.warm_start_model,
       synthetic_users=FLAGS.synthetic_users, synthetic_items=FLAGS.synthetic_items,
       synthetic_world=FLAGS.synthetic_world, synthetic_categories=FLAGS.synthetic_categories,
       loader_options=loader_options, skip_bad_rows=FLAGS.skip_bad_rows,

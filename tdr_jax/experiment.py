@@ -101,6 +101,7 @@ class Config:
   synthetic_world: str = "v2"  # generator version (data.synthetic.WORLDS); v1 = the old default
   synthetic_categories: bool = True  # False: the csv has no category column
   warm_start: bool = True  # node embeddings (tree methods, DIN) from warm-start item vectors
+  warm_start_model: str = "svd"  # svd (of the user-item matrix) or two_tower (YouTubeDNN)
   warm_start_epochs: float = 3.0  # epochs of the warm-start two-tower model
   initial_tree: str = "auto"  # auto, category, kmeans (over warm-start vectors) or random
   loader_options: tuple = ()  # sorted ((key, value), ...) of the loader (typed by parse_options)
@@ -165,6 +166,8 @@ def make_config(preset: str = "default", **overrides) -> Config:
     raise InputError(f"--tree_assignment={cfg.tree_assignment!r}: choose greedy or priced")
   if cfg.initial_tree not in INITIAL_TREES:
     raise InputError(f"--initial_tree={cfg.initial_tree!r}: choose from {', '.join(INITIAL_TREES)}")
+  if cfg.warm_start_model not in ("svd", "two_tower"):
+    raise InputError(f"--warm_start_model={cfg.warm_start_model!r}: choose svd or two_tower")
   if cfg.warm_start_epochs <= 0:
     raise InputError(f"--warm_start_epochs={cfg.warm_start_epochs} must be positive")
   if cfg.tree_learning not in ("tdr", "jtm", "tdm", "none"):
@@ -821,11 +824,11 @@ def warm_start_setup(cfg: Config, ds, workdir: str) -> dict:
   vectors, info = None, None
   if cfg.warm_start or kind == "kmeans":
     vectors, info = warm_start.item_vectors(
-        ds, warm_start.WarmStartConfig(epochs=cfg.warm_start_epochs), seed=cfg.seed,
+        ds, warm_start.WarmStartConfig(model=cfg.warm_start_model, epochs=cfg.warm_start_epochs,
+                                       embed_dim=cfg.embed_dim), seed=cfg.seed,
         batch_size=cfg.batch_size, history_len=cfg.history_len,
         max_train_samples=cfg.max_train_samples, workdir=workdir)
-    print(f"warm start: two-tower item vectors, {info['epochs']:g} epochs, "
-          f"{info['train_seconds']:.1f}s training")
+    print(f"warm start: {info['model']}, {info['train_seconds']:.1f}s")
   print(f"initial tree: {kind} ({why})")
   return {"initial_tree": kind, "why": why, "vectors": vectors, "info": info}
 

@@ -82,9 +82,12 @@ def test_initial_trees_and_warm_params(smoke_data, tmp_path):
   by_pair = {}
   for i, lf in enumerate(leaf):
     by_pair.setdefault(lf // 2, []).append(i)
-  v = warm["vectors"] / np.linalg.norm(warm["vectors"], axis=1, keepdims=True)
-  sib = [v[a] @ v[b] for a, b in (p for p in by_pair.values() if len(p) == 2)]
-  rnd = np.random.default_rng(0).integers(0, len(v), (500, 2))
+  norm = np.linalg.norm(warm["vectors"], axis=1)
+  v = warm["vectors"] / np.maximum(norm, 1e-12)[:, None]
+  seen = np.flatnonzero(norm > 0)  # items without training targets have the zero vector
+  sib = [v[a] @ v[b] for a, b in (p for p in by_pair.values() if len(p) == 2)
+         if norm[a] > 0 and norm[b] > 0]
+  rnd = np.random.default_rng(0).choice(seen, (500, 2))
   assert np.mean(sib) > np.mean([v[a] @ v[b] for a, b in rnd]) + 0.1
   # Warm node rows: a leaf's row is its item's vector (same width), scaled like the init.
   score_fn, params = experiment.build_model(cfg, kmeans)
@@ -92,16 +95,41 @@ def test_initial_trees_and_warm_params(smoke_data, tmp_path):
   got = np.asarray(experiment.warm_params(cfg, params, kmeans, warm["vectors"])
                    ["embed"]["embedding"][...])
   leaves = np.asarray(kmeans.item_paths)[:, kmeans.height]
-  ratio = got[leaves] / warm["vectors"]
-  np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
+  scale = np.linalg.norm(got[leaves][seen]) / np.linalg.norm(warm["vectors"][seen])
+  np.testing.assert_allclose(got[leaves][seen], scale * warm["vectors"][seen], rtol=1e-4,
+                             atol=1e-6)
   valid = np.asarray(kmeans.node_valid)
   np.testing.assert_allclose(np.sqrt(np.mean(got[valid] ** 2)), np.sqrt(np.mean(init ** 2)),
                              rtol=1e-4)
-  # Restored, not retrained, on a second call with the same workdir.
+  # Deterministic: a second call gives the same vectors.
   again = experiment.warm_start_setup(dataclasses.replace(cfg, initial_tree="kmeans"), ds,
                                       str(tmp_path))
-  assert again["info"]["steps_run"] == 0
   np.testing.assert_array_equal(again["vectors"], warm["vectors"])
+
+
+def test_svd_vectors_by_hand():
+  """Two groups of items never shared by a user: their SVD vectors are orthogonal, and items
+  of one group (bought by the same users) get parallel vectors."""
+  seqs = [np.array([0, 1, 2] * 6)] * 4 + [np.array([3, 4] * 9)] * 4
+  ds = preprocess(_table(None, seqs), min_user_interactions=15, split=(0.99, 0.005, 0.005),
+                  seed=0)
+  v = warm_start.svd_vectors(ds, np.arange(len(ds.train_sample_pos)), dim=3)
+  raw = np.asarray([int(x) for x in ds.item_raw_ids])
+  v = v[np.argsort(raw)]  # rows by raw item id 0..4
+  unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+  np.testing.assert_allclose(unit[:3] @ unit[3:].T, 0.0, atol=1e-6)
+  np.testing.assert_allclose(np.abs(unit[:3] @ unit[:3].T), 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.abs(unit[3] @ unit[4]), 1.0, atol=1e-6)
+
+
+def test_two_tower_warm_start_is_checkpointed(smoke_data, tmp_path):
+  cfg, ds = smoke_data
+  cfg = dataclasses.replace(cfg, warm_start_model="two_tower", warm_start_epochs=1.0)
+  first = experiment.warm_start_setup(cfg, ds, str(tmp_path))
+  assert first["info"]["steps_run"] > 0
+  again = experiment.warm_start_setup(cfg, ds, str(tmp_path))
+  assert again["info"]["steps_run"] == 0  # restored, not retrained
+  np.testing.assert_array_equal(again["vectors"], first["vectors"])
 
 
 def test_bad_initial_tree_is_refused():
