@@ -115,10 +115,10 @@ class Config:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
-# Presets: `paper` = TDR sec. 8.4; `default` = what `make run` finishes in < 10 min on a
-# 2-core CPU (one tree: on this budget, tree learning between rounds does not pay yet, see
-# BUILD_NOTES.md; `--tree_rounds=3 --epochs=0.35` runs the joint-learning loop in the same
-# time); `smoke` = seconds, for tests.
+# Presets: `paper` = TDR sec. 8.4 (category tree, no warm start); `default` = what `make run`
+# finishes in < 10 min on a 2-core CPU (one tree: at this budget three learned trees end below
+# the unchanged initial tree, see BUILD_NOTES.md; `--tree_rounds=3 --epochs=0.35` runs the
+# joint-learning loop in about the same time); `smoke` = seconds, for tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(num_negatives=70, beam_size=150, history_len=69, windows=PAPER_WINDOWS,
                   embed_dim=24, attention_hidden=(36,), mlp_hidden=(128, 64), batch_size=256,
