@@ -241,19 +241,23 @@ def build_model(cfg: Config, tree: tree_lib.Tree):
   return score_fn, params
 
 
+def _map_node_table(params, fn):
+  """params with the scorer's node-embedding table (its only per-node parameter) replaced by
+  fn(float[num_nodes, D] as numpy); every other parameter unchanged."""
+  def apply(path, x):
+    if jax.tree_util.keystr(path).startswith("['embed']['embedding']"):
+      return jnp.asarray(fn(np.asarray(x)))
+    return x
+  return jax.tree_util.tree_map_with_path(apply, params)
+
+
 def warm_params(cfg: Config, params, tree: tree_lib.Tree, vectors: np.ndarray):
   """The scorer's node-embedding table set from warm-start item vectors
   (`warm_start.node_rows`, at the RMS of the table it replaces); other parameters unchanged."""
   from tdr_jax import warm_start
-
-  def init(path, x):
-    if jax.tree_util.keystr(path).startswith("['embed']['embedding']"):
-      x = np.asarray(x)
-      rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
-      return jnp.asarray(warm_start.node_rows(vectors, tree, width=x.shape[1], rms=rms,
-                                              seed=cfg.seed))
-    return x
-  return jax.tree_util.tree_map_with_path(init, params)
+  return _map_node_table(params, lambda x: warm_start.node_rows(
+      vectors, tree, width=x.shape[1], rms=float(np.sqrt(np.mean(x.astype(np.float64) ** 2))),
+      seed=cfg.seed))
 
 
 def resolve_initial_tree(cfg: Config, ds) -> tuple[str, str]:
@@ -278,11 +282,7 @@ def build_initial_tree(cfg: Config, ds, kind: str, vectors) -> tree_lib.Tree:
 def remap_params(params, old: tree_lib.Tree, new: tree_lib.Tree):
   """The scorer's parameters with its per-node rows (the node-embedding table) moved from tree
   `old` to tree `new` (`tree.remap_node_rows`); every other parameter is unchanged."""
-  def move(path, x):
-    if jax.tree_util.keystr(path).startswith("['embed']['embedding']"):
-      return jnp.asarray(tree_lib.remap_node_rows(np.asarray(x), old, new))
-    return x
-  return jax.tree_util.tree_map_with_path(move, params)
+  return _map_node_table(params, lambda x: tree_lib.remap_node_rows(x, old, new))
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
