@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tdr_jax import tree as tree_lib
-from tdr_jax.sampling import ScoreFn
+from tdr_jax.scorer import ScoreFn
 
 
 def start_level(*, branching: int, height: int, beam_size: int) -> int:
@@ -73,7 +73,7 @@ def _first_level(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax.Ar
   node_valid = jnp.asarray(tree.node_valid)
 
   def level_nodes(j):
-    first = (b ** j - 1) // (b - 1)  # global id of level j's first node
+    first = tree_lib.level_start(b, j)
     return jnp.broadcast_to(jnp.arange(first, first + b ** j, dtype=jnp.int32),
                             (num_users, b ** j))
 

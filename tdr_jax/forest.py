@@ -15,7 +15,7 @@ import numpy as np
 
 from tdr_jax import tree as tree_lib
 from tdr_jax.metrics import repeated_in_row
-from tdr_jax.sampling import ScoreFn
+from tdr_jax.scorer import ScoreFn
 
 
 def union_candidates(per_tree: list[np.ndarray]) -> np.ndarray:

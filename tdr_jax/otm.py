@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from tdr_jax import beam_search as bs
 from tdr_jax import tree as tree_lib
 from tdr_jax.plt import binary_cross_entropy
-from tdr_jax.sampling import ScoreFn
+from tdr_jax.scorer import ScoreFn
 
 
 def pseudo_targets(child_scores: jax.Array, child_nodes: jax.Array, child_mask: jax.Array,
@@ -94,7 +94,7 @@ def beam_candidates(score_fn: ScoreFn, params, tree: tree_lib.Tree, history: jax
                         beam_size=beam_size)
   out = []
   for j in range(1, s):
-    first = (b ** j - 1) // (b - 1)  # global id of level j's first node
+    first = tree_lib.level_start(b, j)
     nodes = jnp.broadcast_to(jnp.arange(first, first + b ** j, dtype=jnp.int32),
                              (num_users, b ** j))
     out.append((nodes, node_valid[nodes]))

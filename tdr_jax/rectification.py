@@ -45,114 +45,114 @@ __all__ = [
 
 
 def eta_in_leaf_order(eta: jax.Array, tree: tree_lib.Tree) -> jax.Array:
-    """``float[U, B**H]``: ``eta[:, item]`` moved to each item's leaf index.
+  """``float[U, B**H]``: ``eta[:, item]`` moved to each item's leaf index.
 
-    Empty leaves hold ``-inf`` so they never win a subtree maximum. Implemented as a gather
-    through ``leaf_to_item`` (the same result as scattering through ``item_to_leaf``, about
-    4x faster on CPU).
-    """
-    eta = jnp.asarray(eta)
-    if eta.ndim != 2 or eta.shape[1] != tree.num_items:
-        raise ValueError(f"eta must have shape [U, {tree.num_items}], got {eta.shape}")
-    dtype = eta.dtype if jnp.issubdtype(eta.dtype, jnp.floating) else jnp.float32
-    l2i = jnp.asarray(tree.leaf_to_item)  # [B**H] item on every leaf, -1 when empty
-    vals = jnp.take(eta.astype(dtype), jnp.maximum(l2i, 0), axis=1)  # [U, B**H]
-    return jnp.where(l2i >= 0, vals, jnp.asarray(-jnp.inf, dtype))
+  Empty leaves hold ``-inf`` so they never win a subtree maximum. Implemented as a gather
+  through ``leaf_to_item`` (the same result as scattering through ``item_to_leaf``, about
+  4x faster on CPU).
+  """
+  eta = jnp.asarray(eta)
+  if eta.ndim != 2 or eta.shape[1] != tree.num_items:
+    raise ValueError(f"eta must have shape [U, {tree.num_items}], got {eta.shape}")
+  dtype = eta.dtype if jnp.issubdtype(eta.dtype, jnp.floating) else jnp.float32
+  l2i = jnp.asarray(tree.leaf_to_item)  # [B**H] item on every leaf, -1 when empty
+  vals = jnp.take(eta.astype(dtype), jnp.maximum(l2i, 0), axis=1)  # [U, B**H]
+  return jnp.where(l2i >= 0, vals, jnp.asarray(-jnp.inf, dtype))
 
 
 def subtree_max_eta(eta_leaf: jax.Array, *, branching: int, height: int) -> list[jax.Array]:
-    """Per-level subtree maxima of ``eta_leaf: float[U, B**H]`` (leaf order).
+  """Per-level subtree maxima of ``eta_leaf: float[U, B**H]`` (leaf order).
 
-    Returns a list of ``H + 1`` arrays; entry ``j`` is ``float[U, B**j]``: for every node of
-    level ``j`` (in heap order, i.e. by its position inside the level) the largest eta over
-    its subtree. Entry ``H`` is ``eta_leaf`` itself; entry 0 is the per-user maximum.
-    Subtrees without items hold ``-inf``.
-    """
-    b, h = int(branching), int(height)
-    if eta_leaf.ndim != 2 or eta_leaf.shape[1] != b**h:
-        raise ValueError(f"eta_leaf must have shape [U, {b ** h}], got {eta_leaf.shape}")
-    num_users = eta_leaf.shape[0]
-    levels = [eta_leaf]
-    cur = eta_leaf
-    for j in range(h - 1, -1, -1):
-        # [U, B**(j+1)] -> [U, B**j, B]: the B children of a level-j node are consecutive
-        # at level j+1 (heap layout), so each row of the last axis is one sibling group.
-        cur = cur.reshape(num_users, b**j, b).max(axis=-1)
-        levels.append(cur)
-    return levels[::-1]
+  Returns a list of ``H + 1`` arrays; entry ``j`` is ``float[U, B**j]``: for every node of
+  level ``j`` (in heap order, i.e. by its position inside the level) the largest eta over
+  its subtree. Entry ``H`` is ``eta_leaf`` itself; entry 0 is the per-user maximum.
+  Subtrees without items hold ``-inf``.
+  """
+  b, h = int(branching), int(height)
+  if eta_leaf.ndim != 2 or eta_leaf.shape[1] != b**h:
+    raise ValueError(f"eta_leaf must have shape [U, {b ** h}], got {eta_leaf.shape}")
+  num_users = eta_leaf.shape[0]
+  levels = [eta_leaf]
+  cur = eta_leaf
+  for j in range(h - 1, -1, -1):
+    # [U, B**(j+1)] -> [U, B**j, B]: the B children of a level-j node are consecutive
+    # at level j+1 (heap layout), so each row of the last axis is one sibling group.
+    cur = cur.reshape(num_users, b**j, b).max(axis=-1)
+    levels.append(cur)
+  return levels[::-1]
 
 
 def subtree_max_nodes(eta: jax.Array, tree: tree_lib.Tree) -> jax.Array:
-    """``float[U, num_nodes]``: subtree maximum of eta for every node, in global-id order.
+  """``float[U, num_nodes]``: subtree maximum of eta for every node, in global-id order.
 
-    This is the expected rectified label ``E[z_n] = max_{y below n} eta_y`` of every node
-    (when there are no ties), usable as a table of node scores.
-    """
-    levels = subtree_max_eta(eta_in_leaf_order(eta, tree), branching=tree.branching,
-                             height=tree.height)
-    # Heap layout: levels are stored one after the other, so concatenation gives global ids.
-    return jnp.concatenate(levels, axis=1)
+  This is the expected rectified label ``E[z_n] = max_{y below n} eta_y`` of every node
+  (when there are no ties), usable as a table of node scores.
+  """
+  levels = subtree_max_eta(eta_in_leaf_order(eta, tree), branching=tree.branching,
+                           height=tree.height)
+  # Heap layout: levels are stored one after the other, so concatenation gives global ids.
+  return jnp.concatenate(levels, axis=1)
 
 
 def rectified_weights(eta: jax.Array, targets: jax.Array, tree: tree_lib.Tree) -> jax.Array:
-    """Rectified label weights (Eq. 15, unnormalized) of a batch of samples.
+  """Rectified label weights (Eq. 15, unnormalized) of a batch of samples.
 
-    Args:
-      eta: float[U, N] item scores of each sample's user (probabilities or any strictly
-        increasing transform of them, e.g. logits).
-      targets: int[U] the target item y of each sample.
-      tree: the tree index.
-    Returns:
-      float32[U, H]: column ``j - 1`` is 1 where y attains the maximum of eta over the
-      subtree of its level-``j`` ancestor (ties: every maximizer gets 1), else 0. Level H is
-      always 1 for a valid target; invalid targets (outside [0, N)) get all zeros.
-    """
-    eta = jnp.asarray(eta)
-    targets = jnp.asarray(targets).astype(jnp.int32)
-    if targets.shape != (eta.shape[0],):
-        raise ValueError(f"targets must have shape [{eta.shape[0]}], got {targets.shape}")
-    b, h, n = tree.branching, tree.height, tree.num_items
-    eta_leaf = eta_in_leaf_order(eta, tree)
-    levels = subtree_max_eta(eta_leaf, branching=b, height=h)
-    valid = (targets >= 0) & (targets < n)
-    y = jnp.where(valid, targets, 0)
-    leaf = jnp.asarray(tree.item_to_leaf)[y]  # [U] leaf index of every target
-    # eta_y read back from the leaf-ordered array, so it is the same (cast) value the
-    # maxima were taken over.
-    eta_y = jnp.take_along_axis(eta_leaf, leaf[:, None], axis=1)[:, 0]  # [U]
-    cols = []
-    for j in range(1, h):
-        pos = leaf // (b ** (h - j))  # position of y's level-j ancestor inside level j
-        sub_max = jnp.take_along_axis(levels[j], pos[:, None], axis=1)[:, 0]  # [U]
-        cols.append(eta_y >= sub_max)
-    cols.append(jnp.ones_like(valid))  # level H: the leaf's subtree is y alone
-    w = jnp.stack(cols, axis=1) & valid[:, None]
-    return w.astype(jnp.float32)
+  Args:
+    eta: float[U, N] item scores of each sample's user (probabilities or any strictly
+      increasing transform of them, e.g. logits).
+    targets: int[U] the target item y of each sample.
+    tree: the tree index.
+  Returns:
+    float32[U, H]: column ``j - 1`` is 1 where y attains the maximum of eta over the
+    subtree of its level-``j`` ancestor (ties: every maximizer gets 1), else 0. Level H is
+    always 1 for a valid target; invalid targets (outside [0, N)) get all zeros.
+  """
+  eta = jnp.asarray(eta)
+  targets = jnp.asarray(targets).astype(jnp.int32)
+  if targets.shape != (eta.shape[0],):
+    raise ValueError(f"targets must have shape [{eta.shape[0]}], got {targets.shape}")
+  b, h, n = tree.branching, tree.height, tree.num_items
+  eta_leaf = eta_in_leaf_order(eta, tree)
+  levels = subtree_max_eta(eta_leaf, branching=b, height=h)
+  valid = (targets >= 0) & (targets < n)
+  y = jnp.where(valid, targets, 0)
+  leaf = jnp.asarray(tree.item_to_leaf)[y]  # [U] leaf index of every target
+  # eta_y read back from the leaf-ordered array, so it is the same (cast) value the
+  # maxima were taken over.
+  eta_y = jnp.take_along_axis(eta_leaf, leaf[:, None], axis=1)[:, 0]  # [U]
+  cols = []
+  for j in range(1, h):
+    pos = leaf // (b ** (h - j))  # position of y's level-j ancestor inside level j
+    sub_max = jnp.take_along_axis(levels[j], pos[:, None], axis=1)[:, 0]  # [U]
+    cols.append(eta_y >= sub_max)
+  cols.append(jnp.ones_like(valid))  # level H: the leaf's subtree is y alone
+  w = jnp.stack(cols, axis=1) & valid[:, None]
+  return w.astype(jnp.float32)
 
 
 def expected_node_labels(eta: jax.Array, tree: tree_lib.Tree, *,
                          rectified: bool = True) -> jax.Array:
-    """``float[U, num_nodes]`` expected label of every node under ``y ~ eta(u)``.
+  """``float[U, num_nodes]`` expected label of every node under ``y ~ eta(u)``.
 
-    Computed from the definition: every item y is taken as the target with probability
-    ``eta_y`` and adds ``eta_y * weight_j(u, y)`` to its level-``j`` ancestor, for
-    ``j = 1..H``; ``weight`` is :func:`rectified_weights` (``rectified=True``) or 1 (plain
-    labels, Eq. 13: the expected label is the subtree sum). The root (level 0, never
-    trained) gets the sum of eta. ``eta`` must be probabilities here (it weights the sum).
-    Cost ``O(U * N * H)``: an analysis / testing helper, not a training-time function.
-    """
-    eta = jnp.asarray(eta, jnp.float32)
-    num_users, n = eta.shape
-    h = tree.height
-    items = jnp.arange(n, dtype=jnp.int32)
-    if rectified:
-        # Every (user, item) pair as one sample: [U*N] rows.
-        w = rectified_weights(jnp.repeat(eta, n, axis=0), jnp.tile(items, num_users), tree)
-        w = w.reshape(num_users, n, h)  # [U*N, H] -> [U, N, H]
-    else:
-        w = jnp.ones((num_users, n, h), jnp.float32)
-    contrib = eta[:, :, None] * w  # [U, N, H]
-    paths = jnp.asarray(tree.item_paths)[:, 1:]  # [N, H] ancestors of levels 1..H
-    out = jnp.zeros((num_users, tree.num_nodes), jnp.float32)
-    out = out.at[:, paths].add(contrib)  # [U, N, H] added at global ids paths[N, H]
-    return out.at[:, 0].set(eta.sum(axis=1))
+  Computed from the definition: every item y is taken as the target with probability
+  ``eta_y`` and adds ``eta_y * weight_j(u, y)`` to its level-``j`` ancestor, for
+  ``j = 1..H``; ``weight`` is :func:`rectified_weights` (``rectified=True``) or 1 (plain
+  labels, Eq. 13: the expected label is the subtree sum). The root (level 0, never
+  trained) gets the sum of eta. ``eta`` must be probabilities here (it weights the sum).
+  Cost ``O(U * N * H)``: an analysis / testing helper, not a training-time function.
+  """
+  eta = jnp.asarray(eta, jnp.float32)
+  num_users, n = eta.shape
+  h = tree.height
+  items = jnp.arange(n, dtype=jnp.int32)
+  if rectified:
+    # Every (user, item) pair as one sample: [U*N] rows.
+    w = rectified_weights(jnp.repeat(eta, n, axis=0), jnp.tile(items, num_users), tree)
+    w = w.reshape(num_users, n, h)  # [U*N, H] -> [U, N, H]
+  else:
+    w = jnp.ones((num_users, n, h), jnp.float32)
+  contrib = eta[:, :, None] * w  # [U, N, H]
+  paths = jnp.asarray(tree.item_paths)[:, 1:]  # [N, H] ancestors of levels 1..H
+  out = jnp.zeros((num_users, tree.num_nodes), jnp.float32)
+  out = out.at[:, paths].add(contrib)  # [U, N, H] added at global ids paths[N, H]
+  return out.at[:, 0].set(eta.sum(axis=1))

@@ -17,15 +17,14 @@ so DIN, two-tower or any other model plugs in.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tdr_jax import tree as tree_lib
-
-ScoreFn = Callable[..., jax.Array]
+from tdr_jax.scorer import ScoreFn
 
 
 class LevelIndex(NamedTuple):
@@ -143,10 +142,10 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
     current_log_q = jnp.zeros(current.shape, jnp.float32)
   else:
     key, start_key = jax.random.split(key)
-    width = (b ** (start_level + 1) - 1) // (b - 1) - 1  # nodes of levels 1..F: ids 1..width
+    width = tree_lib.level_start(b, start_level + 1) - 1  # nodes of levels 1..F: ids 1..width
     level_scores = []
     for j in range(1, start_level + 1):
-      first = (b ** j - 1) // (b - 1)
+      first = tree_lib.level_start(b, j)
       ids = jnp.arange(first, first + b ** j, dtype=jnp.int32)
       level_scores.append(score_fn(params, tree, history,
                                    jnp.broadcast_to(ids, (num_users, b ** j)), level=j))
@@ -157,7 +156,7 @@ def top_down_negatives(key: jax.Array, score_fn: ScoreFn, params, tree: tree_lib
     last = log_q_all[:, width - b ** start_level:]  # [U, B^F] level F
     draw = jax.random.categorical(start_key, last[:, None, :], axis=-1,
                                   shape=(num_users, num_samples))
-    current = (draw + (b ** start_level - 1) // (b - 1)).astype(jnp.int32)
+    current = (draw + tree_lib.level_start(b, start_level)).astype(jnp.int32)
     current_log_q = jnp.take_along_axis(last, draw, axis=1)
 
   def step(carry, xs):

@@ -32,25 +32,9 @@ import jax.numpy as jnp
 import optax
 
 from tdr_jax import losses, otm, plt, sampling
+from tdr_jax.data.batches import Batch
+from tdr_jax.training import TrainState, init_state
 from tdr_jax import tree as tree_lib
-
-
-class TrainState(NamedTuple):
-  step: jax.Array  # int32[]
-  params: Any
-  opt_state: Any
-
-
-class Batch(NamedTuple):
-  """A training batch (all arrays share the leading batch axis).
-
-  history: int32[B, L] left-padded with -1; target: int32[B] item ids; weight: float32[B, H]
-  label weight per level 1..H (ones for plain labels); mask: bool[B] False for padding rows.
-  """
-  history: jax.Array
-  target: jax.Array
-  weight: jax.Array
-  mask: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +62,6 @@ def make_optimizer(*, learning_rate: float = 1e-3, decay_steps: int = 1000,
   schedule = optax.exponential_decay(learning_rate, transition_steps=max(decay_steps, 1),
                                      decay_rate=decay_rate)
   return optax.adam(schedule)
-
-
-def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, height: int):
@@ -138,7 +118,7 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
     # hierarchical user representation) then shares the history's per-level work across the
     # level's nodes.
     for j in range(1, full + 1):
-      first = (branching ** j - 1) // (branching - 1)  # global id of level j's first node
+      first = tree_lib.level_start(branching, j)
       width = branching ** j
       ids = jnp.broadcast_to(jnp.arange(first, first + width, dtype=jnp.int32), (bsz, width))
       logits = score_fn(params, tree, batch.history, ids, level=j).astype(jnp.float32)

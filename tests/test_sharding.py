@@ -1,4 +1,5 @@
-"""Data-parallel train step and beam search: 4 simulated CPU devices give the same result as 1."""
+"""Data parallelism: every method family trains and retrieves on 4 simulated CPU devices with
+the same result as on 1 (tests/sharding_probe.py runs each in a subprocess)."""
 
 import json
 import os
@@ -8,24 +9,26 @@ import sys
 import numpy as np
 import pytest
 
+import sharding_probe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _probe(data_dir, devices, sampler):
+def _probe(data_dir, devices, family):
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_probe.py"),
-                         data_dir, sampler], capture_output=True, text=True, env=env,
+                         data_dir, family], capture_output=True, text=True, env=env,
                         timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("sampler", ["top_down", "uniform"])
-def test_four_devices_match_one(tmp_path, sampler):
-  one = _probe(str(tmp_path), 1, sampler)
-  four = _probe(str(tmp_path), 4, sampler)
+@pytest.mark.parametrize("family", sorted(sharding_probe.PROBES))
+def test_four_devices_match_one(tmp_path, family):
+  one = _probe(str(tmp_path), 1, family)
+  four = _probe(str(tmp_path), 4, family)
   assert one["devices"] == 1 and four["devices"] == 4
   assert "data" in four["sharded"]
   np.testing.assert_allclose(four["losses"], one["losses"], rtol=2e-5)

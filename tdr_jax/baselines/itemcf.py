@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from tdr_jax.baselines._common import _lax_top_k, pad_rows, topk_rows
+from tdr_jax.exact_topk import _lax_top_k, pad_rows, topk_rows
 
 __all__ = ["ItemCF", "user_item_matrix", "item_similarity", "fit", "retrieve", "score_users"]
 

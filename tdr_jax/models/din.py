@@ -95,266 +95,266 @@ _PRELU_INIT = 0.25
 
 
 def node_levels(nodes: jax.Array, level_offsets: jax.Array) -> jax.Array:
-    """Level of each (non-negative) global node id in the heap layout.
+  """Level of each (non-negative) global node id in the heap layout.
 
-    ``level_offsets[j]`` is the first id of level ``j`` (``H + 2`` entries,
-    the last one being the total node count). The level of ``node`` is the
-    number of level starts ``level_offsets[1:H+1]`` that are ``<= node``;
-    the result is therefore always in ``[0, H]`` (ids beyond the tree are
-    clamped to the leaf level). Comparing against all ``H`` boundaries is
-    cheaper than a binary search for such tiny arrays and is vectorised.
-    """
-    starts = level_offsets[1:-1].astype(nodes.dtype)  # [H]
-    return jnp.sum(nodes[..., None] >= starts, axis=-1).astype(jnp.int32)
+  ``level_offsets[j]`` is the first id of level ``j`` (``H + 2`` entries,
+  the last one being the total node count). The level of ``node`` is the
+  number of level starts ``level_offsets[1:H+1]`` that are ``<= node``;
+  the result is therefore always in ``[0, H]`` (ids beyond the tree are
+  clamped to the leaf level). Comparing against all ``H`` boundaries is
+  cheaper than a binary search for such tiny arrays and is vectorised.
+  """
+  starts = level_offsets[1:-1].astype(nodes.dtype)  # [H]
+  return jnp.sum(nodes[..., None] >= starts, axis=-1).astype(jnp.int32)
 
 
 def window_matrix(windows: Sequence[int]) -> np.ndarray:
-    """0/1 matrix ``S[L, W]``: ``S[l, w] = 1`` iff history position ``l``
-    belongs to window ``w``.
+  """0/1 matrix ``S[L, W]``: ``S[l, w] = 1`` iff history position ``l``
+  belongs to window ``w``.
 
-    Windows are listed most recent first while the history is ordered most
-    recent last, so window 0 covers the last ``windows[0]`` positions,
-    window 1 the ``windows[1]`` positions before them, and so on.
-    """
-    windows = tuple(int(w) for w in windows)
-    length = sum(windows)
-    s = np.zeros((length, len(windows)), np.float32)
-    end = length
-    for w, size in enumerate(windows):
-        s[end - size : end, w] = 1.0
-        end -= size
-    return s
+  Windows are listed most recent first while the history is ordered most
+  recent last, so window 0 covers the last ``windows[0]`` positions,
+  window 1 the ``windows[1]`` positions before them, and so on.
+  """
+  windows = tuple(int(w) for w in windows)
+  length = sum(windows)
+  s = np.zeros((length, len(windows)), np.float32)
+  end = length
+  for w, size in enumerate(windows):
+    s[end - size : end, w] = 1.0
+    end -= size
+  return s
 
 
 class DIN(nnx.Module):
-    """Deep-interest-network preference model over tree nodes.
+  """Deep-interest-network preference model over tree nodes.
 
-    Args (all keyword-only):
-      num_nodes: number of tree nodes (rows of the node-embedding table; every
-        node, internal or leaf, has its own embedding).
-      embed_dim: node embedding size ``D``.
-      windows: time-window sizes, MOST RECENT FIRST. The history passed to the
-        call must have length ``sum(windows)``.
-      attention_hidden: hidden widths of the activation unit (``A`` is the
-        first one). May be empty (then the activation unit is linear).
-      mlp_hidden: hidden widths of the scoring MLP.
-      hierarchical: represent history items by their ancestor at the level of
-        the scored node (JTM) instead of by their leaf.
-      batch_norm: BatchNorm after every hidden linear layer of the scoring
-        MLP (see module docstring for train/eval handling).
-      rngs: ``nnx.Rngs`` for parameter initialisation.
+  Args (all keyword-only):
+    num_nodes: number of tree nodes (rows of the node-embedding table; every
+      node, internal or leaf, has its own embedding).
+    embed_dim: node embedding size ``D``.
+    windows: time-window sizes, MOST RECENT FIRST. The history passed to the
+      call must have length ``sum(windows)``.
+    attention_hidden: hidden widths of the activation unit (``A`` is the
+      first one). May be empty (then the activation unit is linear).
+    mlp_hidden: hidden widths of the scoring MLP.
+    hierarchical: represent history items by their ancestor at the level of
+      the scored node (JTM) instead of by their leaf.
+    batch_norm: BatchNorm after every hidden linear layer of the scoring
+      MLP (see module docstring for train/eval handling).
+    rngs: ``nnx.Rngs`` for parameter initialisation.
+  """
+
+  def __init__(
+      self,
+      *,
+      num_nodes: int,
+      embed_dim: int = 24,
+      windows: Sequence[int] = DEFAULT_WINDOWS,
+      attention_hidden: Sequence[int] = (36,),
+      mlp_hidden: Sequence[int] = (128, 64),
+      hierarchical: bool = True,
+      batch_norm: bool = False,
+      rngs: nnx.Rngs,
+  ):
+    windows = tuple(int(w) for w in windows)
+    if not windows or any(w <= 0 for w in windows):
+      raise ValueError(f"windows must be non-empty positive sizes, got {windows}")
+    if num_nodes <= 0 or embed_dim <= 0:
+      raise ValueError("num_nodes and embed_dim must be positive")
+    attention_hidden = tuple(int(a) for a in attention_hidden)
+    mlp_hidden = tuple(int(h) for h in mlp_hidden)
+
+    self.num_nodes = int(num_nodes)
+    self.embed_dim = d = int(embed_dim)
+    self.windows = windows
+    self.history_length = sum(windows)
+    self.attention_hidden = attention_hidden
+    self.mlp_hidden = mlp_hidden
+    self.hierarchical = bool(hierarchical)
+    self.batch_norm = bool(batch_norm)
+
+    self.embed = nnx.Embed(self.num_nodes, d, rngs=rngs)
+
+    # Activation unit: [e, e*n, n] (3D) -> attention_hidden -> 1.
+    att_widths = attention_hidden + (1,)
+    # One Linear over the 3D concatenation; its kernel is sliced into the
+    # three D x A blocks at call time (see module docstring).
+    self.att_in = nnx.Linear(3 * d, att_widths[0], rngs=rngs)
+    self.att_layers = nnx.List(
+        [nnx.Linear(a, b, rngs=rngs) for a, b in zip(att_widths[:-1], att_widths[1:])]
+    )
+    self.att_acts = nnx.List([nnx.PReLU(_PRELU_INIT) for _ in attention_hidden])
+
+    # Scoring MLP: [W window vectors, node embedding] -> mlp_hidden -> 1.
+    widths = ((len(windows) + 1) * d,) + mlp_hidden
+    self.mlp_layers = nnx.List(
+        [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
+    )
+    self.mlp_norms = nnx.List(
+        [nnx.BatchNorm(h, rngs=rngs) for h in mlp_hidden] if batch_norm else []
+    )
+    self.mlp_acts = nnx.List([nnx.PReLU(_PRELU_INIT) for _ in mlp_hidden])
+    self.mlp_out = nnx.Linear(widths[-1], 1, rngs=rngs)
+
+  # ------------------------------------------------------------------ call
+  def __call__(
+      self,
+      history: jax.Array,
+      nodes: jax.Array,
+      item_paths: jax.Array,
+      level_offsets: jax.Array,
+      level: jax.Array | int | None = None,
+  ) -> jax.Array:
+    """Scores ``float32[B, M]`` for every (user, node) pair.
+
+    ``level`` (optional, a Python int or a traced int scalar) promises that
+    every node of the call lies on that tree level. Then the hierarchical
+    history representation is the same for all of a user's nodes and the
+    cheaper shared-history path is used (the same maths; about 2x faster
+    on CPU). Callers that score one level at a time (training per level,
+    beam search, top-down sampling) pass it; without it nodes may mix
+    levels.
+
+    Args:
+      history: ``int32[B, L]`` item ids, left-padded with -1, most recent
+        last; ``L`` must equal ``sum(windows)``.
+      nodes: ``int32[B, M]`` global node ids to score; -1 entries are
+        padding (they get a finite, meaningless score).
+      item_paths: ``int32[N, H+1]`` ancestor node id of every item at every
+        level (column ``H`` = leaf).
+      level_offsets: ``int32[H+2]`` first node id of every level, plus the
+        total node count.
     """
+    if history.ndim != 2 or nodes.ndim != 2 or history.shape[0] != nodes.shape[0]:
+      raise ValueError(
+          f"expected history [B, L] and nodes [B, M], got {history.shape} and {nodes.shape}"
+      )
+    bsz, hist_len = history.shape
+    if hist_len != self.history_length:
+      raise ValueError(
+          f"history length {hist_len} != sum(windows) = {self.history_length} "
+          f"(windows={self.windows})"
+      )
+    if item_paths.ndim != 2 or level_offsets.shape != (item_paths.shape[1] + 1,):
+      raise ValueError(
+          "expected item_paths [N, H+1] and level_offsets [H+2], got "
+          f"{item_paths.shape} and {level_offsets.shape}"
+      )
+    d = self.embed_dim
+    table = self.embed.embedding[...]  # [num_nodes, D]
 
-    def __init__(
-        self,
-        *,
-        num_nodes: int,
-        embed_dim: int = 24,
-        windows: Sequence[int] = DEFAULT_WINDOWS,
-        attention_hidden: Sequence[int] = (36,),
-        mlp_hidden: Sequence[int] = (128, 64),
-        hierarchical: bool = True,
-        batch_norm: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        windows = tuple(int(w) for w in windows)
-        if not windows or any(w <= 0 for w in windows):
-            raise ValueError(f"windows must be non-empty positive sizes, got {windows}")
-        if num_nodes <= 0 or embed_dim <= 0:
-            raise ValueError("num_nodes and embed_dim must be positive")
-        attention_hidden = tuple(int(a) for a in attention_hidden)
-        mlp_hidden = tuple(int(h) for h in mlp_hidden)
+    # Explicit masking: -1 must never reach a gather (it would silently
+    # read the last row). Padded entries are redirected to id 0 and their
+    # contribution is removed with the masks below.
+    hist_valid = history >= 0  # [B, L]
+    hist_items = jnp.where(hist_valid, history, 0)  # [B, L]
+    node_valid = nodes >= 0  # [B, M]
+    node_ids = jnp.where(node_valid, nodes, 0)  # [B, M]
 
-        self.num_nodes = int(num_nodes)
-        self.embed_dim = d = int(embed_dim)
-        self.windows = windows
-        self.history_length = sum(windows)
-        self.attention_hidden = attention_hidden
-        self.mlp_hidden = mlp_hidden
-        self.hierarchical = bool(hierarchical)
-        self.batch_norm = bool(batch_norm)
+    n = table[node_ids]  # [B, M, D]
 
-        self.embed = nnx.Embed(self.num_nodes, d, rngs=rngs)
+    # First activation-unit layer split into its three D x A blocks.
+    kernel = self.att_in.kernel[...]  # [3D, A]
+    k_e, k_p, k_n = kernel[:d], kernel[d : 2 * d], kernel[2 * d :]  # [D, A] each
+    node_term = n @ k_n + self.att_in.bias[...]  # [B, M, A]
 
-        # Activation unit: [e, e*n, n] (3D) -> attention_hidden -> 1.
-        att_widths = attention_hidden + (1,)
-        # One Linear over the 3D concatenation; its kernel is sliced into the
-        # three D x A blocks at call time (see module docstring).
-        self.att_in = nnx.Linear(3 * d, att_widths[0], rngs=rngs)
-        self.att_layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(att_widths[:-1], att_widths[1:])]
-        )
-        self.att_acts = nnx.List([nnx.PReLU(_PRELU_INIT) for _ in attention_hidden])
+    shared_history = (not self.hierarchical) or level is not None
+    if not shared_history:
+      num_levels = item_paths.shape[1]  # H + 1
+      level = node_levels(node_ids, level_offsets)  # [B, M]
+      hist_nodes = item_paths[hist_items]  # [B, L, H+1]
+      e_lv = table[hist_nodes]  # [B, L, H+1, D]  every item at every level
+      # Reshape: flatten (user, position, level) into one row axis so
+      # that selecting each node's level is a single row gather.
+      rows = e_lv.reshape(bsz * hist_len * num_levels, d)  # [B*L*(H+1), D]
+      # Row of (b, l, level[b, m]) in `rows`: (b * L + l) * (H+1) + level.
+      row_idx = (
+          (jnp.arange(bsz)[:, None, None] * hist_len + jnp.arange(hist_len)[None, None, :])
+          * num_levels
+          + level[:, :, None]
+      )  # [B, M, L]
+      e = rows[row_idx]  # [B, M, L, D]  history as seen from each node's level
+      # e @ K_e + (e * n) @ K_p == e @ (K_e + diag(n) K_p): fold the
+      # node into one D x A matrix per (user, node) and contract once.
+      # (Gathering a precomputed per-(user, level) e @ K_e instead costs
+      # an extra A-wide gather and was not faster, forward + backward.)
+      node_kernel = k_e + n[:, :, :, None] * k_p  # [B, M, D, A]
+      pre = (
+          jnp.einsum("bmld,bmda->bmla", e, node_kernel) + node_term[:, :, None, :]
+      )  # [B, M, L, A]
+    else:
+      if self.hierarchical:  # all nodes on `level`: the history seen from it
+        hist_nodes = jnp.take(item_paths, jnp.asarray(level), axis=1)[hist_items]
+      else:
+        hist_nodes = item_paths[hist_items, -1]  # leaves
+      e = table[hist_nodes]  # [B, L, D]  shared by all nodes of a user
+      ue = e @ k_e  # [B, L, A]  once per (user, position)
+      # (e * n) @ K_p == n @ (diag(e) K_p): one D x (L*A) matrix per user,
+      # so the per-pair term is a plain [M, D] x [D, L*A] matmul per user
+      # and [B, M, L, D] is never built.
+      hist_kernel = e[:, :, :, None] * k_p  # [B, L, D, A]
+      pre = (
+          jnp.einsum("bmd,blda->bmla", n, hist_kernel)
+          + ue[:, None, :, :]
+          + node_term[:, :, None, :]
+      )  # [B, M, L, A]
 
-        # Scoring MLP: [W window vectors, node embedding] -> mlp_hidden -> 1.
-        widths = ((len(windows) + 1) * d,) + mlp_hidden
-        self.mlp_layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
-        )
-        self.mlp_norms = nnx.List(
-            [nnx.BatchNorm(h, rngs=rngs) for h in mlp_hidden] if batch_norm else []
-        )
-        self.mlp_acts = nnx.List([nnx.PReLU(_PRELU_INIT) for _ in mlp_hidden])
-        self.mlp_out = nnx.Linear(widths[-1], 1, rngs=rngs)
+    # Rest of the activation unit: PReLU then Linear, ..., down to 1.
+    h = pre
+    for act, layer in zip(self.att_acts, self.att_layers):
+      h = layer(act(h))  # [B, M, L, next width]
+    weights = h[..., 0] * hist_valid[:, None, :].astype(h.dtype)  # [B, M, L]
 
-    # ------------------------------------------------------------------ call
-    def __call__(
-        self,
-        history: jax.Array,
-        nodes: jax.Array,
-        item_paths: jax.Array,
-        level_offsets: jax.Array,
-        level: jax.Array | int | None = None,
-    ) -> jax.Array:
-        """Scores ``float32[B, M]`` for every (user, node) pair.
+    # Weighted sum inside each window: S[l, w] assigns positions to windows.
+    s = jnp.asarray(window_matrix(self.windows))  # [L, W]
+    if not shared_history:
+      win = jnp.einsum("bml,lw,bmld->bmwd", weights, s, e)  # [B, M, W, D]
+    else:
+      win = jnp.einsum("bml,lw,bld->bmwd", weights, s, e)  # [B, M, W, D]
+    # Reshape: concatenate the W window vectors along the feature axis.
+    win = win.reshape(bsz, nodes.shape[1], len(self.windows) * d)  # [B, M, W*D]
 
-        ``level`` (optional, a Python int or a traced int scalar) promises that
-        every node of the call lies on that tree level. Then the hierarchical
-        history representation is the same for all of a user's nodes and the
-        cheaper shared-history path is used (the same maths; about 2x faster
-        on CPU). Callers that score one level at a time (training per level,
-        beam search, top-down sampling) pass it; without it nodes may mix
-        levels.
-
-        Args:
-          history: ``int32[B, L]`` item ids, left-padded with -1, most recent
-            last; ``L`` must equal ``sum(windows)``.
-          nodes: ``int32[B, M]`` global node ids to score; -1 entries are
-            padding (they get a finite, meaningless score).
-          item_paths: ``int32[N, H+1]`` ancestor node id of every item at every
-            level (column ``H`` = leaf).
-          level_offsets: ``int32[H+2]`` first node id of every level, plus the
-            total node count.
-        """
-        if history.ndim != 2 or nodes.ndim != 2 or history.shape[0] != nodes.shape[0]:
-            raise ValueError(
-                f"expected history [B, L] and nodes [B, M], got {history.shape} and {nodes.shape}"
-            )
-        bsz, hist_len = history.shape
-        if hist_len != self.history_length:
-            raise ValueError(
-                f"history length {hist_len} != sum(windows) = {self.history_length} "
-                f"(windows={self.windows})"
-            )
-        if item_paths.ndim != 2 or level_offsets.shape != (item_paths.shape[1] + 1,):
-            raise ValueError(
-                "expected item_paths [N, H+1] and level_offsets [H+2], got "
-                f"{item_paths.shape} and {level_offsets.shape}"
-            )
-        d = self.embed_dim
-        table = self.embed.embedding[...]  # [num_nodes, D]
-
-        # Explicit masking: -1 must never reach a gather (it would silently
-        # read the last row). Padded entries are redirected to id 0 and their
-        # contribution is removed with the masks below.
-        hist_valid = history >= 0  # [B, L]
-        hist_items = jnp.where(hist_valid, history, 0)  # [B, L]
-        node_valid = nodes >= 0  # [B, M]
-        node_ids = jnp.where(node_valid, nodes, 0)  # [B, M]
-
-        n = table[node_ids]  # [B, M, D]
-
-        # First activation-unit layer split into its three D x A blocks.
-        kernel = self.att_in.kernel[...]  # [3D, A]
-        k_e, k_p, k_n = kernel[:d], kernel[d : 2 * d], kernel[2 * d :]  # [D, A] each
-        node_term = n @ k_n + self.att_in.bias[...]  # [B, M, A]
-
-        shared_history = (not self.hierarchical) or level is not None
-        if not shared_history:
-            num_levels = item_paths.shape[1]  # H + 1
-            level = node_levels(node_ids, level_offsets)  # [B, M]
-            hist_nodes = item_paths[hist_items]  # [B, L, H+1]
-            e_lv = table[hist_nodes]  # [B, L, H+1, D]  every item at every level
-            # Reshape: flatten (user, position, level) into one row axis so
-            # that selecting each node's level is a single row gather.
-            rows = e_lv.reshape(bsz * hist_len * num_levels, d)  # [B*L*(H+1), D]
-            # Row of (b, l, level[b, m]) in `rows`: (b * L + l) * (H+1) + level.
-            row_idx = (
-                (jnp.arange(bsz)[:, None, None] * hist_len + jnp.arange(hist_len)[None, None, :])
-                * num_levels
-                + level[:, :, None]
-            )  # [B, M, L]
-            e = rows[row_idx]  # [B, M, L, D]  history as seen from each node's level
-            # e @ K_e + (e * n) @ K_p == e @ (K_e + diag(n) K_p): fold the
-            # node into one D x A matrix per (user, node) and contract once.
-            # (Gathering a precomputed per-(user, level) e @ K_e instead costs
-            # an extra A-wide gather and was not faster, forward + backward.)
-            node_kernel = k_e + n[:, :, :, None] * k_p  # [B, M, D, A]
-            pre = (
-                jnp.einsum("bmld,bmda->bmla", e, node_kernel) + node_term[:, :, None, :]
-            )  # [B, M, L, A]
-        else:
-            if self.hierarchical:  # all nodes on `level`: the history seen from it
-                hist_nodes = jnp.take(item_paths, jnp.asarray(level), axis=1)[hist_items]
-            else:
-                hist_nodes = item_paths[hist_items, -1]  # leaves
-            e = table[hist_nodes]  # [B, L, D]  shared by all nodes of a user
-            ue = e @ k_e  # [B, L, A]  once per (user, position)
-            # (e * n) @ K_p == n @ (diag(e) K_p): one D x (L*A) matrix per user,
-            # so the per-pair term is a plain [M, D] x [D, L*A] matmul per user
-            # and [B, M, L, D] is never built.
-            hist_kernel = e[:, :, :, None] * k_p  # [B, L, D, A]
-            pre = (
-                jnp.einsum("bmd,blda->bmla", n, hist_kernel)
-                + ue[:, None, :, :]
-                + node_term[:, :, None, :]
-            )  # [B, M, L, A]
-
-        # Rest of the activation unit: PReLU then Linear, ..., down to 1.
-        h = pre
-        for act, layer in zip(self.att_acts, self.att_layers):
-            h = layer(act(h))  # [B, M, L, next width]
-        weights = h[..., 0] * hist_valid[:, None, :].astype(h.dtype)  # [B, M, L]
-
-        # Weighted sum inside each window: S[l, w] assigns positions to windows.
-        s = jnp.asarray(window_matrix(self.windows))  # [L, W]
-        if not shared_history:
-            win = jnp.einsum("bml,lw,bmld->bmwd", weights, s, e)  # [B, M, W, D]
-        else:
-            win = jnp.einsum("bml,lw,bld->bmwd", weights, s, e)  # [B, M, W, D]
-        # Reshape: concatenate the W window vectors along the feature axis.
-        win = win.reshape(bsz, nodes.shape[1], len(self.windows) * d)  # [B, M, W*D]
-
-        x = jnp.concatenate([win, n], axis=-1)  # [B, M, (W+1)*D]
-        mask = node_valid[:, :, None]  # [B, M, 1] for BatchNorm statistics
-        for i, (layer, act) in enumerate(zip(self.mlp_layers, self.mlp_acts)):
-            x = layer(x)  # [B, M, hidden_i]
-            if self.batch_norm:
-                x = self.mlp_norms[i](x, mask=mask)
-            x = act(x)
-        return self.mlp_out(x)[..., 0]  # [B, M]
+    x = jnp.concatenate([win, n], axis=-1)  # [B, M, (W+1)*D]
+    mask = node_valid[:, :, None]  # [B, M, 1] for BatchNorm statistics
+    for i, (layer, act) in enumerate(zip(self.mlp_layers, self.mlp_acts)):
+      x = layer(x)  # [B, M, hidden_i]
+      if self.batch_norm:
+        x = self.mlp_norms[i](x, mask=mask)
+      x = act(x)
+    return self.mlp_out(x)[..., 0]  # [B, M]
 
 
 def init_din(key: jax.Array, *, num_nodes: int, **hparams: Any) -> DIN:
-    """Builds a :class:`DIN` with parameters initialised from ``key``."""
-    return DIN(num_nodes=num_nodes, rngs=nnx.Rngs(params=key), **hparams)
+  """Builds a :class:`DIN` with parameters initialised from ``key``."""
+  return DIN(num_nodes=num_nodes, rngs=nnx.Rngs(params=key), **hparams)
 
 
 def make_score_fn(
     graphdef: nnx.GraphDef, *, return_batch_stats: bool = False
 ) -> Callable[..., Any]:
-    """Functional wrapper around :class:`DIN`.
+  """Functional wrapper around :class:`DIN`.
 
-    Returns ``score_fn(state, history, nodes, item_paths, level_offsets)``
-    computing ``nnx.merge(graphdef, state)(history, nodes, item_paths,
-    level_offsets)``. ``state`` is either one ``nnx.State`` (e.g. from
-    ``graphdef, state = nnx.split(model)``) or a tuple/list of states from a
-    filtered split (e.g. ``(params, batch_stats)``). The function is pure and
-    can be used inside ``jax.jit`` / ``jax.grad``; the tree arrays are regular
-    arguments, so new values do not cause recompilation.
+  Returns ``score_fn(state, history, nodes, item_paths, level_offsets)``
+  computing ``nnx.merge(graphdef, state)(history, nodes, item_paths,
+  level_offsets)``. ``state`` is either one ``nnx.State`` (e.g. from
+  ``graphdef, state = nnx.split(model)``) or a tuple/list of states from a
+  filtered split (e.g. ``(params, batch_stats)``). The function is pure and
+  can be used inside ``jax.jit`` / ``jax.grad``; the tree arrays are regular
+  arguments, so new values do not cause recompilation.
 
-    With ``return_batch_stats=True`` it returns ``(scores, batch_stats)`` where
-    ``batch_stats = nnx.state(model, nnx.BatchStat)`` after the call (updated
-    running averages when the graphdef is in train mode; an empty State when
-    ``batch_norm=False``).
-    """
+  With ``return_batch_stats=True`` it returns ``(scores, batch_stats)`` where
+  ``batch_stats = nnx.state(model, nnx.BatchStat)`` after the call (updated
+  running averages when the graphdef is in train mode; an empty State when
+  ``batch_norm=False``).
+  """
 
-    def score_fn(state, history, nodes, item_paths, level_offsets, level=None):
-        states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
-        model = nnx.merge(graphdef, *states)
-        scores = model(history, nodes, item_paths, level_offsets, level=level)
-        if return_batch_stats:
-            return scores, nnx.state(model, nnx.BatchStat)
-        return scores
+  def score_fn(state, history, nodes, item_paths, level_offsets, level=None):
+    states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
+    model = nnx.merge(graphdef, *states)
+    scores = model(history, nodes, item_paths, level_offsets, level=level)
+    if return_batch_stats:
+      return scores, nnx.state(model, nnx.BatchStat)
+    return scores
 
-    return score_fn
+  return score_fn

@@ -74,98 +74,98 @@ MAX_FULL_SOFTMAX_ENTRIES = 1 << 28
 
 
 class _Block(nnx.Module):
-    """Pre-LayerNorm transformer block: causal self-attention, then a ReLU feed-forward."""
+  """Pre-LayerNorm transformer block: causal self-attention, then a ReLU feed-forward."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):
-        self.attn_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(num_heads, dim, decode=False, keep_rngs=False,
-                                           rngs=rngs)
-        self.ffn_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.ffn_in = nnx.Linear(dim, dim, rngs=rngs)
-        self.ffn_out = nnx.Linear(dim, dim, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+  def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):
+    self.attn_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads, dim, decode=False, keep_rngs=False,
+                                       rngs=rngs)
+    self.ffn_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.ffn_in = nnx.Linear(dim, dim, rngs=rngs)
+    self.ffn_out = nnx.Linear(dim, dim, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        det = rngs is None
-        h = self.attn(self.attn_norm(x), mask=mask, deterministic=True)  # [B, L, D]
-        x = x + self.dropout(h, deterministic=det, rngs=rngs)
-        h = jax.nn.relu(self.ffn_in(self.ffn_norm(x)))
-        h = self.ffn_out(self.dropout(h, deterministic=det, rngs=rngs))
-        return x + self.dropout(h, deterministic=det, rngs=rngs)
+  def __call__(self, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    det = rngs is None
+    h = self.attn(self.attn_norm(x), mask=mask, deterministic=True)  # [B, L, D]
+    x = x + self.dropout(h, deterministic=det, rngs=rngs)
+    h = jax.nn.relu(self.ffn_in(self.ffn_norm(x)))
+    h = self.ffn_out(self.dropout(h, deterministic=det, rngs=rngs))
+    return x + self.dropout(h, deterministic=det, rngs=rngs)
 
 
 class SASRec(nnx.Module):
-    """Self-attentive sequential recommender over ``num_items`` items.
+  """Self-attentive sequential recommender over ``num_items`` items.
 
-    Args (keyword-only):
-      num_items: N; item ids are ``0..N-1``, ``-1`` is padding.
-      max_len: longest history the positional embeddings cover.
-      dim: model width D.
-      num_blocks: number of transformer blocks.
-      num_heads: attention heads (must divide ``dim``).
-      dropout: dropout rate, used only by calls that pass ``rngs``.
-      rngs: ``nnx.Rngs`` for parameter initialisation.
+  Args (keyword-only):
+    num_items: N; item ids are ``0..N-1``, ``-1`` is padding.
+    max_len: longest history the positional embeddings cover.
+    dim: model width D.
+    num_blocks: number of transformer blocks.
+    num_heads: attention heads (must divide ``dim``).
+    dropout: dropout rate, used only by calls that pass ``rngs``.
+    rngs: ``nnx.Rngs`` for parameter initialisation.
+  """
+
+  def __init__(self, *, num_items: int, max_len: int, dim: int = 64, num_blocks: int = 2,
+               num_heads: int = 1, dropout: float = 0.0, rngs: nnx.Rngs):
+    if num_items < 1 or max_len < 1 or dim < 1 or num_blocks < 0 or num_heads < 1:
+      raise ValueError("num_items, max_len, dim, num_heads must be positive and "
+                       "num_blocks non-negative")
+    if dim % num_heads:
+      raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+    self.num_items = int(num_items)
+    self.max_len = int(max_len)
+    self.dim = int(dim)
+    init = nnx.initializers.normal(stddev=1.0 / math.sqrt(dim))
+    self.item_embed = nnx.Embed(self.num_items + 1, dim, embedding_init=init, rngs=rngs)
+    self.pos_embed = nnx.Embed(self.max_len, dim, embedding_init=init, rngs=rngs)
+    self.blocks = nnx.List([_Block(dim, num_heads, dropout, rngs=rngs)
+                            for _ in range(num_blocks)])
+    self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def sequence_hidden(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """``float32[B, L, D]`` hidden state of every position of ``history: int[B, L]``.
+
+    ``L <= max_len``; longer histories are cut to their last ``max_len`` items. Hidden
+    states of padding positions are meaningless (but finite).
     """
+    history = jnp.asarray(history)
+    if history.ndim != 2:
+      raise ValueError(f"history must be [B, L], got shape {history.shape}")
+    if history.shape[1] > self.max_len:
+      history = history[:, -self.max_len:]
+    length = history.shape[1]
+    valid = (history >= 0) & (history < self.num_items)  # [B, L]
+    ids = jnp.where(valid, history, self.num_items)  # padding -> row N, never a -1 gather
+    x = self.item_embed(ids) * valid[..., None] * math.sqrt(self.dim)  # [B, L, D]
+    # Right-aligned positions: the last column is always position max_len - 1.
+    x = x + self.pos_embed.embedding[...][self.max_len - length:][None]  # [1, L, D]
+    x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
+    # mask[b, 0, t, s]: query t may read key s (s <= t and s real, or s == t).
+    causal = jnp.tril(jnp.ones((length, length), bool))  # [L, L]
+    eye = jnp.eye(length, dtype=bool)
+    mask = (causal[None] & valid[:, None, :]) | eye[None]  # [B, L, L]
+    mask = mask[:, None]  # [B, 1, L, L]: shared by all heads
+    for block in self.blocks:
+      x = block(x, mask, rngs)
+    return self.final_norm(x)
 
-    def __init__(self, *, num_items: int, max_len: int, dim: int = 64, num_blocks: int = 2,
-                 num_heads: int = 1, dropout: float = 0.0, rngs: nnx.Rngs):
-        if num_items < 1 or max_len < 1 or dim < 1 or num_blocks < 0 or num_heads < 1:
-            raise ValueError("num_items, max_len, dim, num_heads must be positive and "
-                             "num_blocks non-negative")
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_items = int(num_items)
-        self.max_len = int(max_len)
-        self.dim = int(dim)
-        init = nnx.initializers.normal(stddev=1.0 / math.sqrt(dim))
-        self.item_embed = nnx.Embed(self.num_items + 1, dim, embedding_init=init, rngs=rngs)
-        self.pos_embed = nnx.Embed(self.max_len, dim, embedding_init=init, rngs=rngs)
-        self.blocks = nnx.List([_Block(dim, num_heads, dropout, rngs=rngs)
-                                for _ in range(num_blocks)])
-        self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+  def user_vector(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """``float32[B, D]``: hidden state of the most recent position."""
+    return self.sequence_hidden(history, rngs=rngs)[:, -1]
 
-    def sequence_hidden(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """``float32[B, L, D]`` hidden state of every position of ``history: int[B, L]``.
+  def item_table(self) -> jax.Array:
+    """``float32[N, D]`` item embeddings (the padding row excluded)."""
+    return self.item_embed.embedding[...][: self.num_items]
 
-        ``L <= max_len``; longer histories are cut to their last ``max_len`` items. Hidden
-        states of padding positions are meaningless (but finite).
-        """
-        history = jnp.asarray(history)
-        if history.ndim != 2:
-            raise ValueError(f"history must be [B, L], got shape {history.shape}")
-        if history.shape[1] > self.max_len:
-            history = history[:, -self.max_len:]
-        length = history.shape[1]
-        valid = (history >= 0) & (history < self.num_items)  # [B, L]
-        ids = jnp.where(valid, history, self.num_items)  # padding -> row N, never a -1 gather
-        x = self.item_embed(ids) * valid[..., None] * math.sqrt(self.dim)  # [B, L, D]
-        # Right-aligned positions: the last column is always position max_len - 1.
-        x = x + self.pos_embed.embedding[...][self.max_len - length:][None]  # [1, L, D]
-        x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
-        # mask[b, 0, t, s]: query t may read key s (s <= t and s real, or s == t).
-        causal = jnp.tril(jnp.ones((length, length), bool))  # [L, L]
-        eye = jnp.eye(length, dtype=bool)
-        mask = (causal[None] & valid[:, None, :]) | eye[None]  # [B, L, L]
-        mask = mask[:, None]  # [B, 1, L, L]: shared by all heads
-        for block in self.blocks:
-            x = block(x, mask, rngs)
-        return self.final_norm(x)
+  def eta_logits(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """``float32[B, N]`` logits of every item; softmax over axis 1 gives eta_y(u)."""
+    return self.user_vector(history, rngs=rngs) @ self.item_table().T
 
-    def user_vector(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """``float32[B, D]``: hidden state of the most recent position."""
-        return self.sequence_hidden(history, rngs=rngs)[:, -1]
-
-    def item_table(self) -> jax.Array:
-        """``float32[N, D]`` item embeddings (the padding row excluded)."""
-        return self.item_embed.embedding[...][: self.num_items]
-
-    def eta_logits(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """``float32[B, N]`` logits of every item; softmax over axis 1 gives eta_y(u)."""
-        return self.user_vector(history, rngs=rngs) @ self.item_table().T
-
-    def __call__(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        return self.eta_logits(history, rngs=rngs)
+  def __call__(self, history: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.eta_logits(history, rngs=rngs)
 
 
 # --------------------------------------------------------------------------------- inference
@@ -173,136 +173,136 @@ class SASRec(nnx.Module):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef: nnx.GraphDef, state: nnx.State, history: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state).eta_logits(history)
+  return nnx.merge(graphdef, state).eta_logits(history)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _top_k(graphdef: nnx.GraphDef, state: nnx.State, history: jax.Array, k: int):
-    return jax.lax.top_k(nnx.merge(graphdef, state).eta_logits(history), k)
+  return jax.lax.top_k(nnx.merge(graphdef, state).eta_logits(history), k)
 
 
 @dataclasses.dataclass
 class SASRecEstimator:
-    """A trained SASRec, held functionally (``nnx.split``).
+  """A trained SASRec, held functionally (``nnx.split``).
 
-    Attributes:
-      graphdef, state: the model (``nnx.merge(graphdef, state)`` rebuilds it).
-      num_items, max_len: as in :class:`SASRec`.
-      losses: ``(step, mean training loss over the last logging interval)`` of this call's
-        training (empty when restored from a finished checkpoint).
-      steps: total training steps of the model.
-      restored_step: checkpoint step training started from (``None`` if none).
-      train_seconds: wall time of this call's training loop.
+  Attributes:
+    graphdef, state: the model (``nnx.merge(graphdef, state)`` rebuilds it).
+    num_items, max_len: as in :class:`SASRec`.
+    losses: ``(step, mean training loss over the last logging interval)`` of this call's
+      training (empty when restored from a finished checkpoint).
+    steps: total training steps of the model.
+    restored_step: checkpoint step training started from (``None`` if none).
+    train_seconds: wall time of this call's training loop.
+  """
+
+  graphdef: nnx.GraphDef
+  state: nnx.State
+  num_items: int
+  max_len: int
+  losses: list = dataclasses.field(default_factory=list)
+  steps: int = 0
+  restored_step: int | None = None
+  train_seconds: float = 0.0
+
+  @property
+  def model(self) -> SASRec:
+    return nnx.merge(self.graphdef, self.state)
+
+  def logits(self, history) -> jax.Array:
+    """``float32[B, N]`` item logits (jitted; a strictly increasing transform of eta)."""
+    return _logits(self.graphdef, self.state, jnp.asarray(history, jnp.int32))
+
+  def eta(self, history) -> jax.Array:
+    """``float32[B, N]`` softmax probabilities eta_y(u) of every item."""
+    return jax.nn.softmax(self.logits(history), axis=-1)
+
+  def retrieve(self, history: np.ndarray, *, topk: int, batch_size: int = 256) -> np.ndarray:
+    """``int32[U, topk]`` items with the largest eta per user, best first.
+
+    Runs in fixed-size batches (the last one padded), so one compilation serves all.
     """
-
-    graphdef: nnx.GraphDef
-    state: nnx.State
-    num_items: int
-    max_len: int
-    losses: list = dataclasses.field(default_factory=list)
-    steps: int = 0
-    restored_step: int | None = None
-    train_seconds: float = 0.0
-
-    @property
-    def model(self) -> SASRec:
-        return nnx.merge(self.graphdef, self.state)
-
-    def logits(self, history) -> jax.Array:
-        """``float32[B, N]`` item logits (jitted; a strictly increasing transform of eta)."""
-        return _logits(self.graphdef, self.state, jnp.asarray(history, jnp.int32))
-
-    def eta(self, history) -> jax.Array:
-        """``float32[B, N]`` softmax probabilities eta_y(u) of every item."""
-        return jax.nn.softmax(self.logits(history), axis=-1)
-
-    def retrieve(self, history: np.ndarray, *, topk: int, batch_size: int = 256) -> np.ndarray:
-        """``int32[U, topk]`` items with the largest eta per user, best first.
-
-        Runs in fixed-size batches (the last one padded), so one compilation serves all.
-        """
-        history = np.asarray(history, np.int32)
-        k = min(int(topk), self.num_items)
-        out = []
-        for lo in range(0, len(history), batch_size):
-            h = history[lo:lo + batch_size]
-            pad = batch_size - len(h)
-            if pad:
-                h = np.concatenate([h, np.full((pad, h.shape[1]), -1, np.int32)])
-            _, idx = _top_k(self.graphdef, self.state, jnp.asarray(h), k)
-            out.append(np.asarray(idx)[:batch_size - pad])
-        items = np.concatenate(out).astype(np.int32) if out else np.zeros((0, k), np.int32)
-        if k < topk:
-            items = np.pad(items, ((0, 0), (0, topk - k)), constant_values=-1)
-        return items
+    history = np.asarray(history, np.int32)
+    k = min(int(topk), self.num_items)
+    out = []
+    for lo in range(0, len(history), batch_size):
+      h = history[lo:lo + batch_size]
+      pad = batch_size - len(h)
+      if pad:
+        h = np.concatenate([h, np.full((pad, h.shape[1]), -1, np.int32)])
+      _, idx = _top_k(self.graphdef, self.state, jnp.asarray(h), k)
+      out.append(np.asarray(idx)[:batch_size - pad])
+    items = np.concatenate(out).astype(np.int32) if out else np.zeros((0, k), np.int32)
+    if k < topk:
+      items = np.pad(items, ((0, 0), (0, topk - k)), constant_values=-1)
+    return items
 
 
 # ---------------------------------------------------------------------------------- training
 
 
 class _TrainState(NamedTuple):
-    step: jax.Array  # int32[]
-    params: Any  # nnx.State
-    opt_state: Any
+  step: jax.Array  # int32[]
+  params: Any  # nnx.State
+  opt_state: Any
 
 
 def _seq_loss(model: SASRec, history, target, mask, key, *, sampled: bool,
               num_negatives: int, train_dropout: bool):
-    rngs = nnx.Rngs(dropout=jax.random.fold_in(key, 0)) if train_dropout else None
-    user = model.user_vector(history, rngs=rngs)  # [B, D]
-    table = model.item_table()  # [N, D]
-    if not sampled:
-        logits = user @ table.T  # [B, N]
-        per = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(
-            logits, target[:, None], axis=1)[:, 0]
-    else:
-        n = model.num_items
-        m = num_negatives
-        # m uniform negatives shared by the whole batch: q = 1/N per draw.
-        neg = jax.random.randint(jax.random.fold_in(key, 1), (m,), 0, n)
-        pos_logit = jnp.sum(user * table[target], axis=1)  # [B]
-        neg_logits = user @ table[neg].T  # [B, m]
-        neg_mask = neg[None, :] != target[:, None]  # accidental hits of the positive
-        log_q = jnp.full((m,), -math.log(n), jnp.float32)
-        per = jax.vmap(lambda p, s, k: losses.sampled_softmax_loss(
-            p, s, log_q, k, num_samples=m))(pos_logit, neg_logits, neg_mask)
-    w = mask.astype(jnp.float32)
-    return jnp.sum(per * w) / jnp.maximum(w.sum(), 1.0)
+  rngs = nnx.Rngs(dropout=jax.random.fold_in(key, 0)) if train_dropout else None
+  user = model.user_vector(history, rngs=rngs)  # [B, D]
+  table = model.item_table()  # [N, D]
+  if not sampled:
+    logits = user @ table.T  # [B, N]
+    per = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(
+        logits, target[:, None], axis=1)[:, 0]
+  else:
+    n = model.num_items
+    m = num_negatives
+    # m uniform negatives shared by the whole batch: q = 1/N per draw.
+    neg = jax.random.randint(jax.random.fold_in(key, 1), (m,), 0, n)
+    pos_logit = jnp.sum(user * table[target], axis=1)  # [B]
+    neg_logits = user @ table[neg].T  # [B, m]
+    neg_mask = neg[None, :] != target[:, None]  # accidental hits of the positive
+    log_q = jnp.full((m,), -math.log(n), jnp.float32)
+    per = jax.vmap(lambda p, s, k: losses.sampled_softmax_loss(
+        p, s, log_q, k, num_samples=m))(pos_logit, neg_logits, neg_mask)
+  w = mask.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(w.sum(), 1.0)
 
 
 @functools.lru_cache(maxsize=16)
 def _make_step(graphdef: nnx.GraphDef, lr: float, sampled: bool, num_negatives: int,
                train_dropout: bool):
-    """The jitted train step for one model structure / optimizer (cached across calls)."""
-    optimizer = optax.adam(lr)
+  """The jitted train step for one model structure / optimizer (cached across calls)."""
+  optimizer = optax.adam(lr)
 
-    def loss_fn(params, history, target, mask, key):
-        return _seq_loss(nnx.merge(graphdef, params), history, target, mask, key,
-                         sampled=sampled, num_negatives=num_negatives,
-                         train_dropout=train_dropout)
+  def loss_fn(params, history, target, mask, key):
+    return _seq_loss(nnx.merge(graphdef, params), history, target, mask, key,
+                     sampled=sampled, num_negatives=num_negatives,
+                     train_dropout=train_dropout)
 
-    def step(state: _TrainState, history, target, mask, base_key):
-        key = jax.random.fold_in(base_key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, history, target, mask, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return _TrainState(state.step + 1, params, opt_state), loss
+  def step(state: _TrainState, history, target, mask, base_key):
+    key = jax.random.fold_in(base_key, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, history, target, mask, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return _TrainState(state.step + 1, params, opt_state), loss
 
-    return optimizer, jax.jit(step, donate_argnums=0)
+  return optimizer, jax.jit(step, donate_argnums=0)
 
 
 def _batch(ds, samples, step: int, steps_per_epoch: int, batch_size: int, history_len: int,
            seed: int):
-    """Batch of a global step: a seeded permutation per epoch; the last batch padded+masked."""
-    epoch, i = divmod(step, steps_per_epoch)
-    perm = np.random.default_rng([seed, 23, epoch]).permutation(len(samples))
-    idx = perm[i * batch_size:(i + 1) * batch_size]
-    mask = np.ones(batch_size, bool)
-    if len(idx) < batch_size:
-        mask[len(idx):] = False
-        idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
-    hist, target = train_batch(ds, samples[idx], history_len)
-    return hist.astype(np.int32), target.astype(np.int32), mask
+  """Batch of a global step: a seeded permutation per epoch; the last batch padded+masked."""
+  epoch, i = divmod(step, steps_per_epoch)
+  perm = np.random.default_rng([seed, 23, epoch]).permutation(len(samples))
+  idx = perm[i * batch_size:(i + 1) * batch_size]
+  mask = np.ones(batch_size, bool)
+  if len(idx) < batch_size:
+    mask[len(idx):] = False
+    idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+  hist, target = train_batch(ds, samples[idx], history_len)
+  return hist.astype(np.int32), target.astype(np.int32), mask
 
 
 def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: float = 1e-3,
@@ -310,121 +310,121 @@ def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: fl
                  dim: int = 64, num_blocks: int = 2, num_heads: int = 1, dropout: float = 0.0,
                  sampled: bool | None = None, num_negatives: int = 256,
                  checkpoint_every: int = 500, log_every: int = 50) -> SASRecEstimator:
-    """Trains (or restores) the SASRec estimator on ``ds``'s training samples.
+  """Trains (or restores) the SASRec estimator on ``ds``'s training samples.
 
-    Args:
-      ds: a preprocessed ``Dataset``.
-      history_len: L, history length of the samples (also the model's ``max_len``).
-      epochs: passes over the (sub)sampled training samples (may be fractional).
-      batch_size: samples per step.
-      lr: Adam learning rate (constant).
-      seed: parameter init, batch order and sampling stream.
-      max_train_samples: 0 = all samples, else the same seeded subset as the TDR runs.
-      workdir: if given, Orbax checkpoints go to ``workdir/sasrec``; a finished checkpoint
-        of the same settings and corpus is restored without training, an unfinished one is
-        resumed. A checkpoint of other settings raises ``ValueError``.
-      dim, num_blocks, num_heads, dropout: model hyperparameters.
-      sampled: ``False`` full softmax, ``True`` sampled softmax with uniform negatives,
-        ``None`` full up to ``MAX_FULL_SOFTMAX_ITEMS`` items.
-      num_negatives: negatives per step of the sampled softmax.
-      checkpoint_every, log_every: steps between checkpoints / loss logs.
-    Returns:
-      a :class:`SASRecEstimator`.
-    """
-    n = int(ds.num_items)
-    if sampled is None:
-        sampled = n > MAX_FULL_SOFTMAX_ITEMS
-    if not sampled and batch_size * n > MAX_FULL_SOFTMAX_ENTRIES:
-        raise ValueError(
-            f"full softmax over {n} items with batch_size={batch_size} needs "
-            f"{batch_size * n} logits per step (limit {MAX_FULL_SOFTMAX_ENTRIES}); pass "
-            f"sampled=True (sampled softmax with uniform negatives) or a smaller batch")
-    if epochs <= 0 or batch_size < 1 or history_len < 1:
-        raise ValueError("epochs, batch_size and history_len must be positive")
-    samples = training_samples(ds, max_train_samples=max_train_samples, seed=seed)
-    if len(samples) == 0:
-        raise ValueError("the dataset has no training samples")
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    total_steps = max(1, int(round(epochs * steps_per_epoch)))
+  Args:
+    ds: a preprocessed ``Dataset``.
+    history_len: L, history length of the samples (also the model's ``max_len``).
+    epochs: passes over the (sub)sampled training samples (may be fractional).
+    batch_size: samples per step.
+    lr: Adam learning rate (constant).
+    seed: parameter init, batch order and sampling stream.
+    max_train_samples: 0 = all samples, else the same seeded subset as the TDR runs.
+    workdir: if given, Orbax checkpoints go to ``workdir/sasrec``; a finished checkpoint
+      of the same settings and corpus is restored without training, an unfinished one is
+      resumed. A checkpoint of other settings raises ``ValueError``.
+    dim, num_blocks, num_heads, dropout: model hyperparameters.
+    sampled: ``False`` full softmax, ``True`` sampled softmax with uniform negatives,
+      ``None`` full up to ``MAX_FULL_SOFTMAX_ITEMS`` items.
+    num_negatives: negatives per step of the sampled softmax.
+    checkpoint_every, log_every: steps between checkpoints / loss logs.
+  Returns:
+    a :class:`SASRecEstimator`.
+  """
+  n = int(ds.num_items)
+  if sampled is None:
+    sampled = n > MAX_FULL_SOFTMAX_ITEMS
+  if not sampled and batch_size * n > MAX_FULL_SOFTMAX_ENTRIES:
+    raise ValueError(
+        f"full softmax over {n} items with batch_size={batch_size} needs "
+        f"{batch_size * n} logits per step (limit {MAX_FULL_SOFTMAX_ENTRIES}); pass "
+        f"sampled=True (sampled softmax with uniform negatives) or a smaller batch")
+  if epochs <= 0 or batch_size < 1 or history_len < 1:
+    raise ValueError("epochs, batch_size and history_len must be positive")
+  samples = training_samples(ds, max_train_samples=max_train_samples, seed=seed)
+  if len(samples) == 0:
+    raise ValueError("the dataset has no training samples")
+  steps_per_epoch = math.ceil(len(samples) / batch_size)
+  total_steps = max(1, int(round(epochs * steps_per_epoch)))
 
-    model = SASRec(num_items=n, max_len=history_len, dim=dim, num_blocks=num_blocks,
-                   num_heads=num_heads, dropout=dropout,
-                   rngs=nnx.Rngs(params=jax.random.key(seed)))
-    graphdef, params = nnx.split(model)
-    optimizer, jit_step = _make_step(graphdef, float(lr), bool(sampled), int(num_negatives),
-                                     dropout > 0)
-    state = _TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  model = SASRec(num_items=n, max_len=history_len, dim=dim, num_blocks=num_blocks,
+                 num_heads=num_heads, dropout=dropout,
+                 rngs=nnx.Rngs(params=jax.random.key(seed)))
+  graphdef, params = nnx.split(model)
+  optimizer, jit_step = _make_step(graphdef, float(lr), bool(sampled), int(num_negatives),
+                                   dropout > 0)
+  state = _TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    settings = {"history_len": history_len, "batch_size": batch_size, "lr": lr, "seed": seed,
-                "max_train_samples": max_train_samples, "dim": dim, "num_blocks": num_blocks,
-                "num_heads": num_heads, "dropout": dropout, "sampled": bool(sampled),
-                "num_negatives": num_negatives if sampled else 0}
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    corpus_fp = corpus_fingerprint(ds)
+  settings = {"history_len": history_len, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "max_train_samples": max_train_samples, "dim": dim, "num_blocks": num_blocks,
+              "num_heads": num_heads, "dropout": dropout, "sampled": bool(sampled),
+              "num_negatives": num_negatives if sampled else 0}
+  fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  corpus_fp = corpus_fingerprint(ds)
 
-    manager = None
-    start = 0
-    restored_step = None
-    if workdir is not None:
-        import orbax.checkpoint as ocp
+  manager = None
+  start = 0
+  restored_step = None
+  if workdir is not None:
+    import orbax.checkpoint as ocp
 
-        ckpt_dir = os.path.abspath(os.path.join(workdir, "sasrec"))
-        manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True))
-        meta = {"settings_fingerprint": fingerprint, "corpus_fingerprint": corpus_fp,
-                "settings": settings}
-        latest = manager.latest_step()
-        if latest is not None:
-            got = manager.restore(latest, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore())).meta
-            for key, what in (("settings_fingerprint", "SASRec settings"),
-                              ("corpus_fingerprint", "corpus")):
-                if got.get(key) != meta[key]:
-                    manager.close()
-                    raise InputError(
-                        f"SASRec checkpoint {ckpt_dir} (step {latest}) was written for other "
-                        f"{what} ({key} {got.get(key)} != {meta[key]}); use another workdir")
-            if latest > total_steps:
-                manager.close()
-                raise InputError(
-                    f"SASRec checkpoint {ckpt_dir} is at step {latest}, beyond the "
-                    f"{total_steps} steps of epochs={epochs}; use another workdir")
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-            state = manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract))).state
-            start = restored_step = int(state.step)
-            log.info("SASRec: restored checkpoint step %d of %d (%s)", start, total_steps,
-                     ckpt_dir)
-
-    base_key = jax.random.fold_in(jax.random.key(seed), 1)
-    history_losses = []
-    pending = []
-    t0 = time.perf_counter()
-
-    def flush(step):
-        vals = np.asarray(jax.device_get(pending))
-        if not np.all(np.isfinite(vals)):
-            raise FloatingPointError(f"non-finite SASRec loss before step {step}; lower lr")
-        history_losses.append((step, float(vals.mean())))
-        pending.clear()
-
-    for step in range(start, total_steps):
-        hist, target, mask = _batch(ds, samples, step, steps_per_epoch, batch_size,
-                                    history_len, seed)
-        state, loss = jit_step(state, hist, target, mask, base_key)
-        pending.append(loss)
-        done = step + 1
-        if len(pending) >= log_every or done == total_steps:
-            flush(done)
-        if manager is not None and (done % checkpoint_every == 0 or done == total_steps):
-            manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                force=done == total_steps)
-    seconds = time.perf_counter() - t0
-    if manager is not None:
-        manager.wait_until_finished()
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "sasrec"))
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True))
+    meta = {"settings_fingerprint": fingerprint, "corpus_fingerprint": corpus_fp,
+            "settings": settings}
+    latest = manager.latest_step()
+    if latest is not None:
+      got = manager.restore(latest, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+      for key, what in (("settings_fingerprint", "SASRec settings"),
+                        ("corpus_fingerprint", "corpus")):
+        if got.get(key) != meta[key]:
+          manager.close()
+          raise InputError(
+              f"SASRec checkpoint {ckpt_dir} (step {latest}) was written for other "
+              f"{what} ({key} {got.get(key)} != {meta[key]}); use another workdir")
+      if latest > total_steps:
         manager.close()
-    params = jax.block_until_ready(state.params)
-    return SASRecEstimator(graphdef=graphdef, state=params, num_items=n, max_len=history_len,
-                           losses=history_losses, steps=total_steps, restored_step=restored_step,
-                           train_seconds=seconds)
+        raise InputError(
+            f"SASRec checkpoint {ckpt_dir} is at step {latest}, beyond the "
+            f"{total_steps} steps of epochs={epochs}; use another workdir")
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+      state = manager.restore(latest, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
+      start = restored_step = int(state.step)
+      log.info("SASRec: restored checkpoint step %d of %d (%s)", start, total_steps,
+               ckpt_dir)
+
+  base_key = jax.random.fold_in(jax.random.key(seed), 1)
+  history_losses = []
+  pending = []
+  t0 = time.perf_counter()
+
+  def flush(step):
+    vals = np.asarray(jax.device_get(pending))
+    if not np.all(np.isfinite(vals)):
+      raise FloatingPointError(f"non-finite SASRec loss before step {step}; lower lr")
+    history_losses.append((step, float(vals.mean())))
+    pending.clear()
+
+  for step in range(start, total_steps):
+    hist, target, mask = _batch(ds, samples, step, steps_per_epoch, batch_size,
+                                history_len, seed)
+    state, loss = jit_step(state, hist, target, mask, base_key)
+    pending.append(loss)
+    done = step + 1
+    if len(pending) >= log_every or done == total_steps:
+      flush(done)
+    if manager is not None and (done % checkpoint_every == 0 or done == total_steps):
+      manager.save(done, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          force=done == total_steps)
+  seconds = time.perf_counter() - t0
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  params = jax.block_until_ready(state.params)
+  return SASRecEstimator(graphdef=graphdef, state=params, num_items=n, max_len=history_len,
+                         losses=history_losses, steps=total_steps, restored_step=restored_step,
+                         train_seconds=seconds)

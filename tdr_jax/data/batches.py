@@ -1,0 +1,79 @@
+"""The training batch stream every trained method reads: seeded, resumable, plain arguments.
+
+A run picks its training samples once (`training_samples`: all, or a seeded subset); an epoch
+is a seeded permutation of them; the batch of global step `s` is a pure function of
+`(seed, stream, s)`, so a resumed run reads exactly the batches an uninterrupted one reads and
+a run that continues over several rounds or phases keeps walking the same stream. The last
+batch of an epoch is padded to full size with masked rows (static shapes under jit).
+
+    samples = training_samples(ds, max_train_samples=0, seed=0)
+    steps_per_epoch, total = steps_for(len(samples), batch_size=256, epochs=1.0)
+    batch = batch_for_step(ds, samples, step, steps_per_epoch=steps_per_epoch,
+                           batch_size=256, history_len=69, levels=H, seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from tdr_jax.data.preprocess import Dataset, train_batch, training_samples
+
+__all__ = ["Batch", "STREAM", "batch_for_step", "steps_for", "training_samples"]
+
+# Salt of the per-epoch permutation `default_rng([seed, stream, epoch])`. The tree methods and
+# the baselines share STREAM; the SASRec estimator has its own (its numbers predate sharing).
+STREAM = 11
+
+
+class Batch(NamedTuple):
+  """A training batch (all arrays share the leading batch axis B).
+
+  history: int32[B, L] left-padded with -1; target: int32[B] item ids; weight: float32[B, H]
+  label weight per tree level 1..H (ones for plain labels; H = 1 for the flat models);
+  mask: bool[B] False for padding rows.
+  """
+  history: np.ndarray
+  target: np.ndarray
+  weight: np.ndarray
+  mask: np.ndarray
+
+
+def steps_for(num_samples: int, *, batch_size: int, epochs: float) -> tuple[int, int]:
+  """(steps per epoch, training steps of `epochs` epochs, at least 1)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  steps_per_epoch = math.ceil(num_samples / batch_size)
+  return steps_per_epoch, max(1, int(round(epochs * steps_per_epoch)))
+
+
+def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epoch: int,
+                   batch_size: int, history_len: int, seed: int, levels: int = 1,
+                   stream: int = STREAM) -> Batch:
+  """The batch of global step `step`.
+
+  Args:
+    ds: the dataset.
+    samples: int[S] training-sample indices (`training_samples`).
+    step: global step; epoch = step // steps_per_epoch.
+    steps_per_epoch: ceil(S / batch_size).
+    batch_size: B.
+    history_len: L.
+    seed: the run's seed.
+    levels: H, columns of the label-weight array.
+    stream: salt of the permutation (see STREAM).
+  Returns:
+    Batch with history int32[B, L], target int32[B], weight float32[B, H] (ones), mask bool[B].
+  """
+  epoch, i = divmod(step, steps_per_epoch)
+  perm = np.random.default_rng([seed, stream, epoch]).permutation(len(samples))
+  idx = perm[i * batch_size:(i + 1) * batch_size]
+  mask = np.ones(batch_size, bool)
+  if len(idx) < batch_size:
+    mask[len(idx):] = False
+    idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+  hist, target = train_batch(ds, samples[idx], history_len)
+  weight = np.ones((batch_size, levels), np.float32)
+  return Batch(hist.astype(np.int32), target.astype(np.int32), weight, mask)
