@@ -3,7 +3,7 @@
   python benchmarks/bench_step_profile.py                  # default preset, synthetic default
   python benchmarks/bench_step_profile.py --preset=paper
 
-Times, after a compile step, `--steps` steps of the training loop of `experiment.train_model`
+Times, after a compile step, `--steps` steps of the training loop of `tree_family.train_round`
 three ways: (a) host only: `batch_for_step` (numpy gathers of histories and targets) plus
 `device_put`; (b) device only: the jitted step on a batch already on the device, blocked
 until ready; (c) the loop as it runs (build, put, dispatch; the host syncs every `log_every`
@@ -27,7 +27,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from tdr_jax import experiment, sampling, train  # noqa: E402
+from tdr_jax import experiment, methods, parallel, sampling, train  # noqa: E402
+from tdr_jax.data import batches  # noqa: E402
+from tdr_jax.methods import tree_family  # noqa: E402
 
 flags.DEFINE_string("preset", "default", "Experiment preset.")
 flags.DEFINE_integer("steps", 40, "Timed steps per measurement.")
@@ -39,19 +41,20 @@ def main(argv):
   del argv
   cfg = experiment.make_config(FLAGS.preset, data_dir=FLAGS.data_dir)
   ds, _ = experiment.load_data(cfg)
-  tree = experiment.build_initial_tree(cfg, ds, "category", None)
-  score_fn, params = experiment.build_model(cfg, tree)
-  samples = experiment.training_samples(cfg, ds)
-  steps_per_epoch, _ = experiment.steps_per_round(cfg, len(samples))
-  optimizer = train.make_optimizer(learning_rate=cfg.learning_rate, decay_steps=steps_per_epoch,
-                                   decay_rate=cfg.decay_rate)
-  step_cfg = train.StepConfig(loss=cfg.loss, sampler=cfg.sampler,
-                              num_negatives=cfg.num_negatives,
-                              full_softmax_nodes=cfg.full_softmax_nodes)
+  tree = tree_family.build_initial_tree(cfg, ds, "category", None)
+  score_fn, params = tree_family.build_model(cfg, tree)
+  samples = methods.run_samples(cfg, ds)
+  steps_per_epoch, _ = batches.steps_for(len(samples), batch_size=cfg.train.batch_size,
+                                         epochs=cfg.train.epochs)
+  optimizer = train.make_optimizer(learning_rate=cfg.train.learning_rate,
+                                   decay_steps=steps_per_epoch, decay_rate=cfg.train.decay_rate)
+  step_cfg = train.StepConfig(loss=cfg.train.loss, sampler=cfg.train.sampler,
+                              num_negatives=cfg.train.num_negatives,
+                              full_softmax_nodes=cfg.train.full_softmax_nodes)
   step_fn = jax.jit(train.make_train_step(score_fn, optimizer, step_cfg,
                                           branching=tree.branching, height=tree.height),
                     donate_argnums=0)
-  mesh = experiment.make_mesh()
+  mesh = parallel.make_mesh()
   data = NamedSharding(mesh, P("data"))
   state = jax.device_put(train.init_state(params, optimizer), NamedSharding(mesh, P()))
   tree_dev = jax.device_put(tree, NamedSharding(mesh, P()))
@@ -60,8 +63,9 @@ def main(argv):
   n = FLAGS.steps
 
   def host(step):
-    return jax.device_put(experiment.batch_for_step(cfg, ds, samples, step, steps_per_epoch,
-                                                    tree.height), data)
+    return jax.device_put(batches.batch_for_step(
+        ds, samples, step, steps_per_epoch=steps_per_epoch, batch_size=cfg.train.batch_size,
+        history_len=cfg.data.history_len, seed=cfg.seed, levels=tree.height), data)
 
   batch = host(0)
   state, m = step_fn(state, batch, tree_dev, index, key)  # compile
@@ -80,16 +84,16 @@ def main(argv):
   for s in range(1, n + 1):
     state, m = step_fn(state, host(s), tree_dev, index, key)
     pending.append(m["loss"])
-    if len(pending) >= cfg.log_every:
+    if len(pending) >= cfg.train.log_every:
       jax.device_get(pending)
       pending = []
   jax.device_get(pending)
   loop_s = (time.perf_counter() - t0) / n
-  out = {"preset": cfg.preset, "batch_size": cfg.batch_size, "steps": n,
+  out = {"preset": cfg.preset, "batch_size": cfg.train.batch_size, "steps": n,
          "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
          "host_ms_per_step": 1e3 * host_s, "device_ms_per_step": 1e3 * device_s,
          "loop_ms_per_step": 1e3 * loop_s, "host_share": host_s / (host_s + device_s),
-         "loop_samples_per_s": cfg.batch_size / loop_s}
+         "loop_samples_per_s": cfg.train.batch_size / loop_s}
   print(json.dumps(out, indent=1))
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                       f"step_profile-{cfg.preset}.json")

@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tdr_jax import beam_search as bs  # noqa: E402
-from tdr_jax import experiment, sampling, train  # noqa: E402
+from tdr_jax import evaluation, experiment, methods, parallel, sampling, train  # noqa: E402
+from tdr_jax.methods import tree_family  # noqa: E402
 from tdr_jax import tree as tree_lib  # noqa: E402
 
 
@@ -65,9 +66,9 @@ def main():
   over = {"batch_size": args.batch_size} if args.batch_size else {}
   cfg = experiment.make_config(args.preset, beam_size=150, **over)
   rng = np.random.default_rng(0)
-  tree = tree_lib.build_random(rng, args.num_items, branching=cfg.branching)
-  score_fn, params = experiment.build_model(cfg, tree)
-  bsz, L, m = cfg.batch_size, cfg.history_len, cfg.num_negatives
+  tree = tree_lib.build_random(rng, args.num_items, branching=cfg.tree.branching)
+  score_fn, params = tree_family.build_model(cfg, tree)
+  bsz, L, m = cfg.train.batch_size, cfg.data.history_len, cfg.train.num_negatives
   hist = rng.integers(0, args.num_items, (bsz, L)).astype(np.int32)
   hist[: bsz // 4, : L // 2] = -1  # some short histories
   batch = train.Batch(jnp.asarray(hist), jnp.asarray(rng.integers(0, args.num_items, bsz),
@@ -76,7 +77,7 @@ def main():
   index = sampling.level_index(tree)
   opt = train.make_optimizer()
   key = jax.random.key(0)
-  full = train.num_full_levels(train.StepConfig(full_softmax_nodes=cfg.full_softmax_nodes),
+  full = train.num_full_levels(train.StepConfig(full_softmax_nodes=cfg.train.full_softmax_nodes),
                                branching=tree.branching, height=tree.height)
   full_nodes = sum(tree.branching ** j for j in range(1, full + 1))
   sampled_levels = tree.height - full
@@ -91,7 +92,7 @@ def main():
   for sampler in ("uniform", "top_down"):
     step = jax.jit(train.make_train_step(
         score_fn, opt, train.StepConfig(sampler=sampler, num_negatives=m,
-                                        full_softmax_nodes=cfg.full_softmax_nodes),
+                                        full_softmax_nodes=cfg.train.full_softmax_nodes),
         branching=tree.branching, height=tree.height))
     state = train.init_state(params, opt)
     sec, _ = timed(lambda s: step(s, batch, tree, index, key), state, repeats=args.repeats)
@@ -156,34 +157,34 @@ def main():
                                   max_train_samples=args.recall_train_samples)
     ds, _ = experiment.load_data(rcfg)
     rtree = tree_lib.build_from_categories(np.random.default_rng([rcfg.seed, 3]),
-                                           ds.item_category, branching=rcfg.branching)
-    rscore, rparams = experiment.build_model(rcfg, rtree)
-    mesh = experiment.make_mesh()
+                                           ds.item_category, branching=rcfg.tree.branching)
+    rscore, rparams = tree_family.build_model(rcfg, rtree)
+    mesh = parallel.make_mesh()
     with tempfile.TemporaryDirectory() as wd:
-      rparams, _, _ = experiment.train_model(rcfg, ds, rtree, rscore, rparams, wd,
-                                             corpus_fp="bench", mesh=mesh)
+      rparams, _, _ = tree_family.train_round(rcfg, ds, methods.run_samples(rcfg, ds), rtree,
+                                              rscore, rparams, wd, corpus_fp="bench", mesh=mesh)
     ev = experiment.evaluation_set(rcfg, ds)
     beam_k = 150
     t = time.perf_counter()
-    b_items = experiment.retrieve(rscore, rparams, rtree, ev.history, beam_size=beam_k,
-                                  topk=max(rcfg.topk), batch_size=256, mesh=mesh)
+    b_items = evaluation.retrieve(rscore, rparams, rtree, ev.history, beam_size=beam_k,
+                                  topk=max(rcfg.eval.topk), batch_size=256, mesh=mesh)
     beam_t = time.perf_counter() - t
     bf = []
     t = time.perf_counter()
     for lo in range(0, len(ev.history), 128):
       h = jnp.asarray(ev.history[lo:lo + 128])
-      bf.append(np.asarray(bs.brute_force(rscore, rparams, rtree, h, topk=max(rcfg.topk))[0]))
+      bf.append(np.asarray(bs.brute_force(rscore, rparams, rtree, h, topk=max(rcfg.eval.topk))[0]))
     bf_t = time.perf_counter() - t
     bf = np.concatenate(bf)
     mb = retrieval_metrics(b_items, ev.label_offsets, ev.label_items, num_items=ds.num_items,
-                           ks=rcfg.topk)
+                           ks=rcfg.eval.topk)
     mf = retrieval_metrics(bf, ev.label_offsets, ev.label_items, num_items=ds.num_items,
-                           ks=rcfg.topk)
+                           ks=rcfg.eval.topk)
     res["trained_num_items"] = int(ds.num_items)
     res["trained_train_samples"] = int(args.recall_train_samples)
     res["trained_beam_seconds"] = beam_t
     res["trained_brute_seconds"] = bf_t
-    for k in rcfg.topk:
+    for k in rcfg.eval.topk:
       res[f"trained_beam_recall@{k}"] = mb[f"recall@{k}"]
       res[f"trained_brute_recall@{k}"] = mf[f"recall@{k}"]
       res[f"trained_beam_over_brute_recall@{k}"] = mb[f"recall@{k}"] / mf[f"recall@{k}"]

@@ -4,7 +4,7 @@ For each corpus size N: a random balanced binary tree, a fixed number of pairs (
 item (`--users_per_item`, default 4) with random histories, and a scorer with random
 parameters:
 
-* `--scorer=din` (default): the DIN of `experiment.PRESETS[--preset]` (default preset sizes);
+* `--scorer=din` (default): the DIN of `config_lib.PRESETS[--preset]` (default preset sizes);
 * `--scorer=free`: a node bias plus the mean bias of the history's leaves, nearly free, so
   the figure shows the cost of everything around the scorer (batching, log-softmax,
   accumulation, transfers, the greedy assignment on the host).
@@ -37,6 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tdr_jax import experiment, sampling, train  # noqa: E402
+from tdr_jax.methods import tree_family
+from tdr_jax import config as config_lib
 from tdr_jax import tree as tree_lib  # noqa: E402
 from tdr_jax import tree_learning as tl  # noqa: E402
 
@@ -68,11 +70,11 @@ def pair_nodes(n: int, branching: int, gap: int, users_per_item: int) -> int:
 
 def time_train_step(cfg, tree, score_fn, params, steps: int, rng) -> float:
   """Seconds per train step of the preset's TDR step on random batches (after warm-up)."""
-  bsz, hl = cfg.batch_size, cfg.history_len
-  opt = train.make_optimizer(learning_rate=cfg.learning_rate)
-  step_cfg = train.StepConfig(loss="softmax", sampler=cfg.sampler,
-                              num_negatives=cfg.num_negatives,
-                              full_softmax_nodes=cfg.full_softmax_nodes)
+  bsz, hl = cfg.train.batch_size, cfg.data.history_len
+  opt = train.make_optimizer(learning_rate=cfg.train.learning_rate)
+  step_cfg = train.StepConfig(loss="softmax", sampler=cfg.train.sampler,
+                              num_negatives=cfg.train.num_negatives,
+                              full_softmax_nodes=cfg.train.full_softmax_nodes)
   step = jax.jit(train.make_train_step(score_fn, opt, step_cfg, branching=tree.branching,
                                        height=tree.height), donate_argnums=0)
   state = train.init_state(params, opt)
@@ -116,7 +118,7 @@ def main():
   args = ap.parse_args()
 
   cfg = experiment.make_config(args.preset)
-  b = cfg.branching
+  b = cfg.tree.branching
   rows, throughput = [], None
   for n in [int(float(s)) for s in args.sizes.split(",")]:
     upi = args.users_per_item
@@ -132,11 +134,11 @@ def main():
     rng = np.random.default_rng(0)
     tree = tree_lib.build_random(rng, n, branching=b)
     if args.scorer == "din":
-      score_fn, params = experiment.build_model(cfg, tree)
+      score_fn, params = tree_family.build_model(cfg, tree)
     else:
       score_fn, params = free_scorer(tree.num_nodes, 0)
-    hist = rng.integers(0, n, (n * upi, cfg.history_len)).astype(np.int32)
-    hist[: hist.shape[0] // 4, : cfg.history_len // 2] = -1  # some short histories
+    hist = rng.integers(0, n, (n * upi, cfg.data.history_len)).astype(np.int32)
+    hist[: hist.shape[0] // 4, : cfg.data.history_len // 2] = -1  # some short histories
     items = np.repeat(np.arange(n, dtype=np.int32), upi)
     times, stats = [], None
     for _ in range(max(1, args.repeats)):
@@ -160,8 +162,8 @@ def main():
         "pair_nodes_per_s": throughput, "fraction_items_moved": moved})
     if args.scorer == "din" and args.train_steps > 0:
       step_s = time_train_step(cfg, tree, score_fn, params, args.train_steps, rng)
-      epoch_s = step_s * (n * upi) / cfg.batch_size
-      row.update({"train_step_s": step_s, "train_us_per_sample": 1e6 * step_s / cfg.batch_size,
+      epoch_s = step_s * (n * upi) / cfg.train.batch_size
+      row.update({"train_step_s": step_s, "train_us_per_sample": 1e6 * step_s / cfg.train.batch_size,
                   "epoch_s_same_pairs": epoch_s, "update_over_epoch": warm / epoch_s})
     rows.append(row)
     print(json.dumps(row), flush=True)

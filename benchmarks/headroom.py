@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tdr_jax import beam_search as bs  # noqa: E402
 from tdr_jax import experiment  # noqa: E402
+from tdr_jax import methods
+from tdr_jax import evaluation
 from tdr_jax import tree as tree_lib  # noqa: E402
 from tdr_jax.baselines import itemcf  # noqa: E402
 from tdr_jax.baselines import popularity as pop_lib  # noqa: E402
@@ -85,14 +87,14 @@ def main(argv):
   t0 = time.perf_counter()
   ds, world = experiment.load_data(cfg)
   ev = experiment.evaluation_set(cfg, ds)
-  eta = experiment.synthetic_eta(world, ds, ev)
-  print(f"world {cfg.synthetic_world}: {ds.num_users} users, {ds.num_items} items, "
+  eta = evaluation.synthetic_eta(world, ds, ev)
+  print(f"world {cfg.data.synthetic_world}: {ds.num_users} users, {ds.num_items} items, "
         f"{len(ev.users)} test users; eta in {time.perf_counter() - t0:.1f}s")
-  kmax = max(cfg.topk)
+  kmax = max(cfg.eval.topk)
   rows = []
 
   def add(name, retrieved, **extra):
-    row = experiment.result_row(name, retrieved, ev, ds, cfg, eta, train_seconds=0.0,
+    row = evaluation.result_row(name, retrieved, ev, ds, cfg, eta, train_seconds=0.0,
                                 settings=extra)
     rows.append(row)
 
@@ -101,20 +103,20 @@ def main(argv):
   prior = world.prior_item_probs()[gen_ids]
   add("oracle (empty history)", np.tile(np.argsort(-prior, kind="stable")[:kmax],
                                         (len(ev.users), 1)))
-  samples = experiment.training_samples(cfg, ds)
+  samples = methods.run_samples(cfg, ds)
   counts = pop_lib.target_counts(ds, samples)
   add("popularity", pop_lib.popularity(counts, len(ev.users), kmax))
-  valid = ds.eval_split("valid", cfg.history_len)
-  params, info = pop_lib.tune_heuristic(valid, counts, ds.item_category, k=cfg.topk[0],
+  valid = ds.eval_split("valid", cfg.data.history_len)
+  params, info = pop_lib.tune_heuristic(valid, counts, ds.item_category, k=cfg.eval.topk[0],
                                         num_items=ds.num_items)
   add("heuristic", pop_lib.heuristic(ev.history, counts, ds.item_category, params, kmax),
       params=dataclasses.asdict(params), **info)
   model = itemcf.fit(ds, samples=samples)
   add("Item-CF", itemcf.retrieve(model, ev, topk=kmax, history="window"))
   trees = {"category tree": tree_lib.build_from_categories(
-               np.random.default_rng([cfg.seed, 3]), ds.item_category, branching=cfg.branching),
+               np.random.default_rng([cfg.seed, 3]), ds.item_category, branching=cfg.tree.branching),
            "random tree": tree_lib.build_random(np.random.default_rng([cfg.seed, 5]),
-                                                ds.num_items, branching=cfg.branching)}
+                                                ds.num_items, branching=cfg.tree.branching)}
   for tname, tree in trees.items():
     for beam in (int(b) for b in FLAGS.beams):
       for how, label in (("sum", "plain"), ("max", "rectified")):
@@ -124,7 +126,7 @@ def main(argv):
         got[:, :min(beam, kmax)] = exact_label_beam(tree, eta, how, beam=beam,
                                                     topk=min(beam, kmax))
         add(f"{label} labels, beam {beam}, {tname}", got)
-  k0 = cfg.topk[0]
+  k0 = cfg.eval.topk[0]
   f_or = rows[0][f"f_measure@{k0}"]
   lines = [f"| row | F@{k0} | x oracle | oracle ratio@{k0} |", "|---|---|---|---|"]
   for r in rows:
@@ -132,11 +134,11 @@ def main(argv):
                  f"{r[f'f_measure@{k0}'] / f_or:.2f} | {r[f'oracle_ratio@{k0}']:.3f} |")
   print("\n".join(lines))
   out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                  f"headroom-{cfg.synthetic_world}"
-                                  f"{'' if cfg.synthetic_categories else '-nocat'}.json")
+                                  f"headroom-{cfg.data.synthetic_world}"
+                                  f"{'' if cfg.data.synthetic_categories else '-nocat'}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
-    json.dump({"world": cfg.synthetic_world, "categories": cfg.synthetic_categories,
+    json.dump({"world": cfg.data.synthetic_world, "categories": cfg.data.synthetic_categories,
                "test_users": int(len(ev.users)), "rows": rows}, f, indent=1, default=str)
   print(f"wrote {out} ({time.perf_counter() - t0:.0f}s)")
 

@@ -193,8 +193,8 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
   phased = between is not None and phase_steps
   if checkpointer is not None and checkpointer.manager.latest_step() is not None:
     latest = checkpointer.latest_step()
-    items = checkpointer.restore(latest, {"state": state, "carry": {"carry": carry,
-                                                                     "phases": np.int32(0)}})
+    items = checkpointer.restore(latest, {"state": state, "carry": {
+        "carry": carry, "phases": np.zeros((), np.int32)}})
     state, carry = items["state"], items["carry"]["carry"]
     phases_done = int(items["carry"]["phases"])
     resumed_from = int(state.step)
@@ -216,9 +216,8 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
 
   def save(step: int, force: bool) -> None:
     if checkpointer is not None:
-      checkpointer.save(step + phases_done, {
-          "state": state, "carry": {"carry": carry, "phases": np.int32(phases_done)}},
-          force=force)
+      checkpointer.save(step + phases_done, {"state": state, "carry": {
+          "carry": carry, "phases": np.asarray(phases_done, np.int32)}}, force=force)
 
   bar = _Progress(name, total_steps, start, log_every, progress)
   history: dict[str, list] = {}

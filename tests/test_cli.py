@@ -122,7 +122,7 @@ def test_skip_bad_rows_runs_and_foreign_checkpoint_is_refused(data, tmp_path):
   results = json.load(open(workdir / "results.json"))
   assert results["data"]["rows_skipped"] == 1 and results["data"]["rows_loaded"] == 799
   config = json.load(open(workdir / "config.json"))
-  assert config["skip_bad_rows"] is True and config["loader_options"] == []
+  assert config["data"]["skip_bad_rows"] is True and config["data"]["loader_options"] == []
   # Same workdir, another model setting: the checkpoint is refused.
   proc = run_cli(tmp_path, *SMOKE, f"--data_dir={data['bad_row']}", "--skip_bad_rows",
                  "--num_negatives=5", f"--workdir={workdir}")
@@ -205,8 +205,8 @@ def test_flags_reach_the_config(run_module):
     flags(["run.py", "--dataset=tmall", "--loader_option=actions=0,2",
            "--loader_option=file=log.csv", "--skip_bad_rows", "--preset=smoke"])
     cfg = run_module.config_from_flags()
-    assert cfg.loader_options == (("actions", (0, 2)), ("file", "log.csv"))
-    assert cfg.skip_bad_rows is True
+    assert cfg.data.loader_options == (("actions", (0, 2)), ("file", "log.csv"))
+    assert cfg.data.skip_bad_rows is True
     fp = cfg.fingerprint()
     flags.unparse_flags()
     flags(["run.py", "--dataset=tmall", "--loader_option=actions=0", "--preset=smoke"])
@@ -214,10 +214,10 @@ def test_flags_reach_the_config(run_module):
     flags.unparse_flags()
     flags(["run.py", "--synthetic_world=v1", "--nosynthetic_categories"])
     cfg = run_module.config_from_flags()
-    assert (cfg.synthetic_world, cfg.synthetic_categories, cfg.loader_options) == ("v1", False, ())
+    assert (cfg.data.synthetic_world, cfg.data.synthetic_categories, cfg.data.loader_options) == ("v1", False, ())
     flags.unparse_flags()
     flags(["run.py"])
     cfg = run_module.config_from_flags()
-    assert (cfg.synthetic_world, cfg.synthetic_categories, cfg.skip_bad_rows) == ("v2", True, False)
+    assert (cfg.data.synthetic_world, cfg.data.synthetic_categories, cfg.data.skip_bad_rows) == ("v2", True, False)
   finally:
     flags.unparse_flags()

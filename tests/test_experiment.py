@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from tdr_jax import experiment
+from tdr_jax import report
+from tdr_jax.data import batches
+from tdr_jax.methods import tree_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,14 +131,18 @@ def test_rectified_run(data_dir, tmp_path):
   cfg = experiment.make_config("smoke", data_dir=data_dir, rectify=True, tree_rounds=1)
   ds, world = experiment.load_data(cfg)
   ev = experiment.evaluation_set(cfg, ds)
-  weight_fn, rows = experiment.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"))
+  weight_fn, rows = tree_family.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"))
   assert rows[0]["method"] == "SASRec (estimator)"
   from tdr_jax import tree as tree_lib
   tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
-  samples = experiment.training_samples(cfg, ds)
-  batch = experiment.batch_for_step(cfg, ds, samples, 0, 10, tree.height)
+  samples = batches.training_samples(ds, max_train_samples=cfg.data.max_train_samples,
+                                     seed=cfg.seed)
+  batch = batches.batch_for_step(ds, samples, 0, steps_per_epoch=10,
+                                 batch_size=cfg.train.batch_size,
+                                 history_len=cfg.data.history_len, seed=cfg.seed,
+                                 levels=tree.height)
   w = np.asarray(weight_fn(batch.history, batch.target, tree))
-  assert w.shape == (cfg.batch_size, tree.height)
+  assert w.shape == (cfg.train.batch_size, tree.height)
   assert set(np.unique(w)) <= {0.0, 1.0}
   assert np.all(w[:, -1] == 1.0)  # the leaf level is always the subtree maximum
   assert 0.0 < w.mean() < 1.0
@@ -156,7 +163,7 @@ def test_all_methods_one_table(data_dir, tmp_path):
                      "heuristic", "random"]
   keys = set(results["results"][0])
   assert all(set(r) == keys for r in results["results"])
-  learned = [r for r in results["results"] if r["method"] not in experiment.REFERENCE_ROWS]
+  learned = [r for r in results["results"] if r["method"] not in report.REFERENCE_ROWS]
   for r in learned:
     assert r["train_seconds"] > 0, r["method"]
   # Every row's Item-CF/popularity counts come from the same training samples.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tdr_jax import experiment
+from tdr_jax import report
 from tdr_jax.baselines import itemcf
 from tdr_jax.baselines import popularity as pop_lib
 
@@ -52,10 +53,10 @@ def test_flag_near_popularity():
   rows = [{"method": "A", "f_measure@20": 0.104}, {"method": "B", "f_measure@20": 0.2},
           {"method": "C", "f_measure@20": 0.05}, {"method": "popularity", "f_measure@20": 0.1},
           {"method": "oracle", "f_measure@20": 0.3}, {"method": "random", "f_measure@20": 0.0}]
-  msgs = experiment.flag_near_popularity(rows, 20)
+  msgs = report.flag_near_popularity(rows, 20)
   assert [r["method"] for r in rows if r.get("warning")] == ["A", "C"]
   assert len(msgs) == 2 and "learned little beyond item popularity" in msgs[0]
-  assert experiment.flag_near_popularity([{"method": "A", "f_measure@20": 0.1}], 20) == []
+  assert report.flag_near_popularity([{"method": "A", "f_measure@20": 0.1}], 20) == []
 
 
 def test_itemcf_counts_only_the_runs_training_interactions():

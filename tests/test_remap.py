@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tdr_jax import experiment
+from tdr_jax.methods import tree_family
 from tdr_jax import tree as tree_lib
 
 
@@ -45,19 +46,19 @@ def test_leaf_scores_survive_a_tree_update(hierarchical):
   rows are remapped (at the leaf level the hierarchical representation uses leaves too);
   without the remap they are not. Internal-node scores change: measured, not pinned."""
   n = 60
-  cfg = dataclasses.replace(experiment.make_config("smoke"), hierarchical=hierarchical)
+  cfg = experiment.make_config("smoke").replace(hierarchical=hierarchical)
   rng = np.random.default_rng(0)
   old = tree_lib.build_random(rng, n, branching=2)
   new = tree_lib.build_random(np.random.default_rng(1), n, branching=2)
-  score_fn, params = experiment.build_model(cfg, old)
-  history = rng.integers(-1, n, size=(5, cfg.history_len)).astype(np.int32)
+  score_fn, params = tree_family.build_model(cfg, old)
+  history = rng.integers(-1, n, size=(5, cfg.data.history_len)).astype(np.int32)
 
   def leaf_scores(p, t):
     leaves = np.broadcast_to(np.asarray(t.item_paths)[:, t.height], (len(history), n))
     return np.asarray(score_fn(p, t, jnp.asarray(history), jnp.asarray(leaves), level=t.height))
 
   before = leaf_scores(params, old)
-  moved = experiment.remap_params(params, old, new)
+  moved = tree_family.remap_params(params, old, new)
   np.testing.assert_allclose(leaf_scores(moved, new), before, rtol=1e-5, atol=1e-6)
   assert not np.allclose(leaf_scores(params, new), before, atol=1e-3)
   # Every parameter other than the node table is untouched.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tdr_jax import experiment
+from tdr_jax.methods import tree_family
 from tdr_jax import tree as tree_lib
 from tdr_jax import tree_learning as tl
 
@@ -240,10 +241,10 @@ def test_din_scorer_end_to_end():
   rng = np.random.default_rng(0)
   n = 100
   tree = tree_lib.build_random(rng, n, branching=2)
-  score_fn, params = experiment.build_model(cfg, tree)
+  score_fn, params = tree_family.build_model(cfg, tree)
   targets = rng.integers(0, n - 10, 300)  # the last 10 items are never targets
   pair_item, pair_sample = tl.item_user_pairs(targets, n, max_users_per_item=3, seed=0)
-  hist = rng.integers(0, n, (targets.size, cfg.history_len)).astype(np.int32)
+  hist = rng.integers(0, n, (targets.size, cfg.data.history_len)).astype(np.int32)
   hist[::3, :2] = -1
   new, stats = tl.learn_tree_tdr(score_fn, params, tree, hist[pair_sample], pair_item,
                                  gap=3, batch_size=64, return_stats=True)

@@ -7,6 +7,8 @@ import pyarrow as pa
 import pytest
 
 from tdr_jax import experiment, warm_start
+from tdr_jax.methods import tree_family
+from tdr_jax import methods
 from tdr_jax import tree as tree_lib
 from tdr_jax.data.preprocess import preprocess
 
@@ -70,13 +72,13 @@ def smoke_data(tmp_path_factory):
 
 def test_initial_trees_and_warm_params(smoke_data, tmp_path):
   cfg, ds = smoke_data
-  warm = experiment.warm_start_setup(dataclasses.replace(cfg, initial_tree="kmeans"), ds,
+  warm = methods.warm_start_setup(cfg.replace(initial_tree="kmeans"), ds,
                                      str(tmp_path))
   assert warm["initial_tree"] == "kmeans" and warm["vectors"].shape == (ds.num_items, 24)
   for kind in ("category", "kmeans", "random"):
-    tree = experiment.build_initial_tree(cfg, ds, kind, warm["vectors"])
+    tree = tree_family.build_initial_tree(cfg, ds, kind, warm["vectors"])
     tree_lib.validate(tree)
-  kmeans = experiment.build_initial_tree(cfg, ds, "kmeans", warm["vectors"])
+  kmeans = tree_family.build_initial_tree(cfg, ds, "kmeans", warm["vectors"])
   # Items that share a k-means leaf pair are closer in vector space than random pairs.
   leaf = np.asarray(kmeans.item_to_leaf)
   by_pair = {}
@@ -90,9 +92,9 @@ def test_initial_trees_and_warm_params(smoke_data, tmp_path):
   rnd = np.random.default_rng(0).choice(seen, (500, 2))
   assert np.mean(sib) > np.mean([v[a] @ v[b] for a, b in rnd]) + 0.1
   # Warm node rows: a leaf's row is its item's vector (same width), scaled like the init.
-  score_fn, params = experiment.build_model(cfg, kmeans)
+  score_fn, params = tree_family.build_model(cfg, kmeans)
   init = np.asarray(params["embed"]["embedding"][...])
-  got = np.asarray(experiment.warm_params(cfg, params, kmeans, warm["vectors"])
+  got = np.asarray(tree_family.warm_params(cfg, params, kmeans, warm["vectors"])
                    ["embed"]["embedding"][...])
   leaves = np.asarray(kmeans.item_paths)[:, kmeans.height]
   scale = np.linalg.norm(got[leaves][seen]) / np.linalg.norm(warm["vectors"][seen])
@@ -102,7 +104,7 @@ def test_initial_trees_and_warm_params(smoke_data, tmp_path):
   np.testing.assert_allclose(np.sqrt(np.mean(got[valid] ** 2)), np.sqrt(np.mean(init ** 2)),
                              rtol=1e-4)
   # Deterministic: a second call gives the same vectors.
-  again = experiment.warm_start_setup(dataclasses.replace(cfg, initial_tree="kmeans"), ds,
+  again = methods.warm_start_setup(cfg.replace(initial_tree="kmeans"), ds,
                                       str(tmp_path))
   np.testing.assert_array_equal(again["vectors"], warm["vectors"])
 
@@ -124,10 +126,10 @@ def test_svd_vectors_by_hand():
 
 def test_two_tower_warm_start_is_checkpointed(smoke_data, tmp_path):
   cfg, ds = smoke_data
-  cfg = dataclasses.replace(cfg, warm_start_model="two_tower", warm_start_epochs=1.0)
-  first = experiment.warm_start_setup(cfg, ds, str(tmp_path))
+  cfg = cfg.replace(warm_start_model="two_tower", warm_start_epochs=1.0)
+  first = methods.warm_start_setup(cfg, ds, str(tmp_path))
   assert first["info"]["steps_run"] > 0
-  again = experiment.warm_start_setup(cfg, ds, str(tmp_path))
+  again = methods.warm_start_setup(cfg, ds, str(tmp_path))
   assert again["info"]["steps_run"] == 0  # restored, not retrained
   np.testing.assert_array_equal(again["vectors"], first["vectors"])
 

@@ -1,0 +1,338 @@
+"""The tree-index methods: TDR (U / T / T-RL), TDM, JTM, OTM and PLT on one DIN scorer.
+
+One run of a tree method is joint learning (JTM Algorithm 1): round r trains the scorer on
+tree r (continuing from the previous round's parameters, a fresh optimizer, the batch stream
+continuing where round r-1 stopped), evaluates it by beam search, and (except after the last
+round) learns tree r+1 with the model fixed and moves the scorer's node rows to the new tree.
+With `--forest`, every round's (tree, model) retrieves together (union of candidates,
+reranked). The variants differ only in settings (`METHODS[name].settings`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from tdr_jax import forest as forest_lib
+from tdr_jax import plt as plt_lib
+from tdr_jax import rectification, sampling, scorer, train, training, tree_learning, warm_start
+from tdr_jax import tree as tree_lib
+from tdr_jax.config import Config
+from tdr_jax.data import batches as batches_lib
+from tdr_jax.data.preprocess import corpus_fingerprint, train_batch
+from tdr_jax.evaluation import rerank_all, result_row, retrieve
+from tdr_jax.methods.base import Context, Method, run_samples
+from tdr_jax.models import sasrec
+from tdr_jax.report import fmt_or_dash
+
+
+def method_label(cfg: Config) -> str:
+  if cfg.train.loss in ("otm", "plt"):
+    return cfg.train.loss.upper()
+  if cfg.train.loss == "bce":
+    return {"tdm": "TDM", "jtm": "JTM"}.get(cfg.tree.tree_learning, "binary")
+  base = {"uniform": "U", "top_down": "T"}[cfg.train.sampler]
+  return f"TDR({base}-RL)" if cfg.train.rectify else f"TDR({base})"
+
+
+def build_model(cfg: Config, tree: tree_lib.Tree):
+  """The DIN scorer over the nodes of `tree` (seeded by the run): (score_fn, params)."""
+  return scorer.init_din(jax.random.key(cfg.seed), tree, embed_dim=cfg.model.embed_dim,
+                         windows=cfg.model.windows, attention_hidden=cfg.model.attention_hidden,
+                         mlp_hidden=cfg.model.mlp_hidden, hierarchical=cfg.model.hierarchical)
+
+
+def _map_node_table(params, fn):
+  """params with the scorer's node-embedding table (its only per-node parameter) replaced by
+  fn(float[num_nodes, D] as numpy); every other parameter unchanged."""
+  def apply(path, x):
+    if jax.tree_util.keystr(path).startswith("['embed']['embedding']"):
+      return jnp.asarray(fn(np.asarray(x)))
+    return x
+  return jax.tree_util.tree_map_with_path(apply, params)
+
+
+def warm_params(cfg: Config, params, tree: tree_lib.Tree, vectors: np.ndarray):
+  """The scorer's node-embedding table set from warm-start item vectors
+  (`warm_start.node_rows`, at the RMS of the table it replaces); other parameters unchanged."""
+  return _map_node_table(params, lambda x: warm_start.node_rows(
+      vectors, tree, width=x.shape[1], rms=float(np.sqrt(np.mean(x.astype(np.float64) ** 2))),
+      seed=cfg.seed))
+
+
+def remap_params(params, old: tree_lib.Tree, new: tree_lib.Tree):
+  """The scorer's parameters with its per-node rows (the node-embedding table) moved from tree
+  `old` to tree `new` (`tree.remap_node_rows`); every other parameter is unchanged."""
+  return _map_node_table(params, lambda x: tree_lib.remap_node_rows(x, old, new))
+
+
+def build_initial_tree(cfg: Config, ds, kind: str, vectors) -> tree_lib.Tree:
+  rng = np.random.default_rng([cfg.seed, 3])
+  if kind == "category":
+    return tree_lib.build_from_categories(rng, ds.item_category, branching=cfg.tree.branching)
+  if kind == "kmeans":
+    return tree_lib.build_kmeans(rng, np.asarray(vectors, np.float32), branching=cfg.tree.branching)
+  return tree_lib.build_random(rng, ds.num_items, branching=cfg.tree.branching)
+
+
+def rectification_setup(cfg: Config, ds, ev, eta, workdir: str):
+  """Trains (or restores) the SASRec estimator; returns (weight_fn, [its result row])."""
+  est = sasrec.train_sasrec(ds, history_len=cfg.data.history_len, epochs=cfg.sasrec.sasrec_epochs,
+                            batch_size=cfg.train.batch_size, seed=cfg.seed,
+                            max_train_samples=cfg.data.max_train_samples, workdir=workdir,
+                            dim=cfg.sasrec.sasrec_dim, checkpoint_every=cfg.train.checkpoint_every,
+                            log_every=cfg.train.log_every)
+  kmax = max(cfg.eval.topk)
+  retrieved = np.asarray(est.retrieve(ev.history, topk=kmax, batch_size=cfg.eval.eval_batch_size))
+  row = result_row("SASRec (estimator)", retrieved, ev, ds, cfg, eta,
+                   train_seconds=est.train_seconds,
+                   settings={"dim": cfg.sasrec.sasrec_dim, "epochs": cfg.sasrec.sasrec_epochs,
+                             "steps": est.steps})
+  weights = jax.jit(rectification.rectified_weights)
+
+  def weight_fn(history, target, tree):
+    # Only the order of eta matters for Eq. 15, so the logits are passed as they are.
+    return weights(est.logits(history), jnp.asarray(target), tree)
+
+  return weight_fn, [row]
+
+
+def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
+  tmp = path + ".tmp.npy"
+  np.save(tmp, arr)
+  os.replace(tmp, path)
+
+
+def next_tree(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_fn, params,
+              round_index: int) -> tuple[tree_lib.Tree, float]:
+  """One tree update with the model fixed (TDR sec. 6 / JTM / TDM). Returns (tree, seconds)."""
+  t0 = time.perf_counter()
+  if cfg.tree.tree_learning == "none":  # the control: rounds only continue training
+    return tree, 0.0
+  if cfg.tree.tree_learning == "tdm":
+    emb = np.asarray(params["embed"]["embedding"][...])
+    new = tree_learning.learn_tree_tdm(np.random.default_rng([cfg.seed, 17, round_index]), emb,
+                                       tree)
+  else:
+    targets = ds.seq_items[ds.train_sample_pos[samples]]
+    pair_item, pair_sample = tree_learning.item_user_pairs(
+        targets, ds.num_items, max_users_per_item=cfg.tree.tree_users_per_item,
+        seed=cfg.seed * 1000 + round_index)
+    hist, _ = train_batch(ds, samples[pair_sample], cfg.data.history_len)
+    new = tree_learning.learn_tree_tdr(
+        score_fn, params, tree, hist.astype(np.int32), pair_item, gap=cfg.tree.tree_gap,
+        matching="binary" if cfg.tree.tree_learning == "jtm" else "softmax",
+        assignment=cfg.tree.tree_assignment)
+  return new, time.perf_counter() - t0
+
+
+def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_fn, params,
+                workdir: str, *, corpus_fp: str, mesh: Mesh, crash_after: int = 0,
+                round_index: int = 0, weight_fn=None):
+  """Trains one round with checkpoints/resume in workdir/checkpoints (`training.fit`).
+  Returns (params, seconds of training this call, steps of the round).
+
+  Round r continues the data stream where round r-1 stopped (its batches are those of global
+  steps r*T .. (r+1)*T-1) and draws keys from fold_in(key(seed), r).
+  `weight_fn(history, target, tree) -> float32[B, H]` gives per-level label weights
+  (rectification); None = plain labels (ones)."""
+  steps_per_epoch, total_steps = batches_lib.steps_for(
+      len(samples), batch_size=cfg.train.batch_size, epochs=cfg.train.epochs)
+  optimizer = train.make_optimizer(learning_rate=cfg.train.learning_rate,
+                                   decay_steps=steps_per_epoch, decay_rate=cfg.train.decay_rate)
+  binary = cfg.train.loss == "bce"
+  step_cfg = train.StepConfig(
+      loss=cfg.train.loss, sampler="uniform" if binary else cfg.train.sampler,
+      num_negatives=cfg.train.binary_negatives if binary else cfg.train.num_negatives,
+      full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=cfg.train.otm_beam_size)
+  step = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
+                               height=tree.height)
+  tree_dev = jax.device_put(tree)
+  offset = round_index * total_steps
+
+  def batches(s: int) -> batches_lib.Batch:
+    batch = batches_lib.batch_for_step(
+        ds, samples, offset + s, steps_per_epoch=steps_per_epoch,
+        batch_size=cfg.train.batch_size, history_len=cfg.data.history_len, seed=cfg.seed,
+        levels=tree.height)
+    if weight_fn is not None:
+      batch = batch._replace(weight=np.asarray(weight_fn(batch.history, batch.target,
+                                                         tree_dev)))
+    return batch
+
+  ckpt = training.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      identity={"config_fingerprint": cfg.fingerprint(), "corpus_fingerprint": corpus_fp,
+                "tree_fingerprint": training.fingerprint(np.asarray(tree.item_to_leaf))},
+      phrases={"config_fingerprint": "another configuration",
+               "corpus_fingerprint": "another corpus",
+               "tree_fingerprint": "another tree (item-to-leaf mapping)"},
+      record=cfg.to_json())
+  out = training.fit(
+      lambda state, batch, aux, key: step(state, batch, aux[0], aux[1], key),
+      train.init_state(params, optimizer), batches, total_steps=total_steps,
+      base_key=jax.random.fold_in(jax.random.key(cfg.seed), round_index),
+      aux=(tree, sampling.level_index(tree)), checkpointer=ckpt, mesh=mesh,
+      checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
+      crash_after=crash_after, name=f"train {method_label(cfg)}", progress=True)
+  return out.state.params, out.seconds, total_steps
+
+
+def run(ctx: Context, cfg: Config, workdir: str) -> dict:
+  """Joint learning (JTM Algorithm 1) of one TDR variant.
+
+  Round r trains the model on tree r (continuing from the previous round's parameters),
+  evaluates it, and (except after the last round) learns tree r+1 with the model fixed. Every
+  round's (tree, model) is checkpointed under workdir/round_<r>/ and workdir/trees/; a rerun
+  resumes inside the unfinished round. Returns rows (final tree, forest), estimator rows,
+  per-round rows and the forest curve. The initial tree's kind and the warm-start item
+  vectors come from the run's shared warm start (`ctx.warm_start()`).
+  """
+  ds, world, ev, eta, mesh = ctx.ds, ctx.world, ctx.ev, ctx.eta, ctx.mesh
+  os.makedirs(workdir, exist_ok=True)
+  warm = ctx.warm_start()
+  tree = build_initial_tree(cfg, ds, warm["initial_tree"], warm["vectors"])
+  tree_lib.validate(tree)
+  score_fn, params = build_model(cfg, tree)
+  if cfg.tree.warm_start:
+    params = warm_params(cfg, params, tree, warm["vectors"])
+  corpus_fp = corpus_fingerprint(ds)
+  samples = run_samples(cfg, ds)
+  _, round_steps = batches_lib.steps_for(len(samples), batch_size=cfg.train.batch_size,
+                                         epochs=cfg.train.epochs)
+  true_cat = mislabelled = None
+  if world is not None:
+    raw = np.asarray([int(x) for x in ds.item_raw_ids])
+    true_cat = world.item_category[raw]
+    mislabelled = world.observed_category[raw] != true_cat  # the initial tree's noisy labels
+  tree_dir = os.path.join(workdir, "trees")
+  os.makedirs(tree_dir, exist_ok=True)
+  weight_fn, estimator_rows = None, []
+  if cfg.train.rectify:
+    weight_fn, estimator_rows = rectification_setup(cfg, ds, ev, eta, workdir)
+  label = method_label(cfg)
+  kmax = max(cfg.eval.topk)
+  rounds, per_tree, models = [], [], []
+  total_train = 0.0
+  for r in range(cfg.tree.tree_rounds):
+    tree_path = os.path.join(tree_dir, f"round_{r}.npy")
+    if r > 0:
+      old_tree = tree
+      if os.path.exists(tree_path):
+        tree = tree_lib.from_item_to_leaf(np.load(tree_path), branching=cfg.tree.branching,
+                                          num_items=ds.num_items)
+        tree_seconds = 0.0
+        print(f"round {r}: tree restored from {tree_path}")
+      else:
+        tree, tree_seconds = next_tree(cfg, ds, samples, tree, score_fn, params, r)
+        print(f"round {r}: tree learned ({cfg.tree.tree_learning}, gap "
+              f"{cfg.tree.tree_gap}) in {tree_seconds:.1f}s")
+      # The scorer looks nodes up by position: carry its node rows over to the new tree (a
+      # leaf's row follows its item). A round checkpoint, when there is one, replaces them.
+      params = remap_params(params, old_tree, tree)
+    else:
+      tree_seconds = 0.0
+    if not os.path.exists(tree_path):
+      _atomic_save_npy(tree_path, np.asarray(tree.item_to_leaf))
+    stop = cfg.train.stop_after_step
+    crash_after = max(0, stop - r * round_steps) if stop else 0
+    params, seconds, steps = train_round(cfg, ds, samples, tree, score_fn, params,
+                                         os.path.join(workdir, f"round_{r}"),
+                                         corpus_fp=corpus_fp, mesh=mesh,
+                                         crash_after=crash_after, round_index=r,
+                                         weight_fn=weight_fn)
+    total_train += seconds + tree_seconds
+    t0 = time.perf_counter()
+    retrieved = retrieve(score_fn, params, tree, ev.history, beam_size=cfg.eval.beam_size,
+                         topk=kmax, batch_size=cfg.eval.eval_batch_size, mesh=mesh,
+                         path_scores=cfg.train.loss == "plt")
+    eval_seconds = time.perf_counter() - t0
+    per_tree.append(retrieved)
+    models.append((tree, jax.device_get(params)))  # host copy: the next round donates params
+    row = result_row(f"{label} tree {r + 1}", retrieved, ev, ds, cfg, eta,
+                     train_seconds=seconds, settings={"tree_seconds": tree_seconds,
+                                                      "eval_seconds": eval_seconds,
+                                                      "steps": steps})
+    row["round"] = r
+    extra = ""
+    if true_cat is not None:
+      # Items whose node (at the first level with more nodes than categories) has their true
+      # category as majority: all items, the mislabelled ones, the correctly labelled ones.
+      row["category_purity"] = tree_learning.category_purity(tree, true_cat)
+      for what, sel in (("purity_mislabelled", mislabelled), ("purity_labelled", ~mislabelled)):
+        v = tree_learning.category_purity(tree, true_cat, items=sel)
+        row[what] = None if math.isnan(v) else v  # None: no such items (no label noise)
+      extra = (f", purity {row['category_purity']:.3f} (mislabelled "
+               f"{fmt_or_dash(row['purity_mislabelled'])}, correctly labelled "
+               f"{fmt_or_dash(row['purity_labelled'])})")
+    rounds.append(row)
+    k0 = cfg.eval.topk[0]
+    print(f"round {r}: P@{k0} {row[f'precision@{k0}']:.4f} R@{k0} {row[f'recall@{k0}']:.4f} "
+          f"F@{k0} {row[f'f_measure@{k0}']:.4f}{extra}")
+
+  settings = {"sampler": cfg.train.sampler, "num_negatives": cfg.train.num_negatives,
+              "initial_tree": warm["initial_tree"], "initial_tree_why": warm["why"],
+              "warm_start": warm["info"], "beam_size": cfg.eval.beam_size,
+              "tree_rounds": cfg.tree.tree_rounds,
+              "tree_learning": cfg.tree.tree_learning, "tree_gap": cfg.tree.tree_gap,
+              "tree_height": tree.height, "test_users": int(len(ev.users))}
+  final = dict(rounds[-1])
+  final["method"] = label
+  final["train_seconds"] = total_train + (warm["info"] or {}).get("train_seconds", 0.0)
+  final["settings"] = dict(final["settings"], **settings)
+  for key in ("round", "category_purity", "purity_mislabelled", "purity_labelled"):
+    final.pop(key, None)
+  rows = [final]
+  forest_curve = []
+  if cfg.tree.forest and len(models) > 1:
+    # The discriminator ranks candidates by what the method's beam search ranks leaves by.
+    disc_fn = score_fn
+    if cfg.train.loss == "plt":
+      disc_fn = plt_lib.path_score_fn(score_fn)
+    for r in range(1, len(models) + 1):
+      cand = forest_lib.union_candidates(per_tree[:r])
+      disc_tree, disc_params = models[r - 1]
+      items = rerank_all(disc_fn, disc_params, disc_tree, ev.history, cand, topk=kmax,
+                         batch_size=cfg.eval.eval_batch_size, mesh=mesh)
+      frow = result_row(f"{label} forest", items, ev, ds, cfg, eta, train_seconds=total_train,
+                        settings=dict(settings, num_trees=r))
+      point = {"num_trees": r, "candidates_per_user": float(np.mean(np.sum(cand >= 0, 1)))}
+      for key, v in frow.items():
+        if "@" in key:
+          point[f"forest_{key}"] = v
+          point[f"last_tree_{key}"] = rounds[r - 1][key]
+      forest_curve.append(point)
+    rows.append(frow)
+  return {"rows": rows, "estimator_rows": estimator_rows, "rounds": rounds,
+          "forest_curve": forest_curve, "true_cat": true_cat, "label": label}
+
+
+def _variant(**settings) -> Method:
+  return Method(label=lambda cfg: method_label(cfg.replace(**settings)), run=run,
+                settings=settings, warm_start=True)
+
+
+# The `--method` names of this family and the settings each fixes.
+METHODS = {
+    "tdr": _variant(),  # the variant given by --sampler / --rectify
+    "tdr_u": _variant(sampler="uniform", rectify=False),
+    "tdr_t": _variant(sampler="top_down", rectify=False),
+    "tdr_t_rl": _variant(sampler="top_down", rectify=True),
+    # TDM/JTM: binary loss (Eq. 2) with uniform negatives per level, on the same scorer, tree
+    # learning by k-means (TDM) or by the binary log-likelihood (JTM).
+    "tdm": _variant(loss="bce", sampler="uniform", rectify=False, tree_learning="tdm"),
+    "jtm": _variant(loss="bce", sampler="uniform", rectify=False, tree_learning="jtm"),
+    # OTM: binary loss on the nodes a beam search visits, with beam-search-aware pseudo
+    # targets; trees learned as JTM's (binary matching).
+    "otm": _variant(loss="otm", sampler="uniform", rectify=False, tree_learning="jtm"),
+    # PLT: node classifiers P(z_n | z_parent), trained on the positive paths and their
+    # siblings; retrieval by the product of the path's probabilities; trees by balanced
+    # k-means over the leaf embeddings (as label trees are built).
+    "plt": _variant(loss="plt", sampler="uniform", rectify=False, tree_learning="tdm"),
+}
