@@ -34,8 +34,12 @@ import os
 import time
 
 import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
 
 from tdr_jax import tree as tree_lib
+from tdr_jax.baselines import itemcf, youtube_dnn
+from tdr_jax.data.preprocess import UNKNOWN_CATEGORY, train_batch, training_samples
 
 __all__ = ["WarmStartConfig", "item_vectors", "node_rows", "informative_categories"]
 
@@ -55,9 +59,6 @@ class WarmStartConfig:
 def svd_vectors(ds, samples: np.ndarray, dim: int) -> np.ndarray:
   """float32[N, dim]: truncated SVD of the column-normalised binary user-item matrix of the
   given training samples' targets (items without any get the zero vector)."""
-  import scipy.sparse as sp
-  import scipy.sparse.linalg as sla
-  from tdr_jax.baselines import itemcf
   x = itemcf.user_item_matrix(ds, samples=samples).astype(np.float64)
   x = x[np.diff(x.indptr) > 0]  # users with training interactions
   deg = np.asarray(x.sum(axis=0)).ravel()
@@ -75,7 +76,6 @@ def svd_vectors(ds, samples: np.ndarray, dim: int) -> np.ndarray:
 def item_vectors(ds, wcfg: WarmStartConfig, *, seed: int, batch_size: int, history_len: int,
                  max_train_samples: int, workdir: str | None) -> tuple[np.ndarray, dict]:
   """Fits (or restores) the warm-start model; returns (float32[N, D] item vectors, info)."""
-  from tdr_jax.data.preprocess import training_samples
   t0 = time.perf_counter()
   if wcfg.model == "svd":
     samples = training_samples(ds, max_train_samples=max_train_samples, seed=seed)
@@ -84,7 +84,6 @@ def item_vectors(ds, wcfg: WarmStartConfig, *, seed: int, batch_size: int, histo
     return vectors, {"model": "svd of the user-item matrix of the training samples",
                      "embed_dim": wcfg.embed_dim, "train_seconds": seconds, "seconds": seconds,
                      "steps_run": 0}
-  from tdr_jax.baselines import youtube_dnn
   model = youtube_dnn.fit(ds, seed=seed, epochs=wcfg.epochs, batch_size=batch_size,
                           history_len=history_len, max_train_samples=max_train_samples,
                           learning_rate=wcfg.learning_rate, embed_dim=wcfg.embed_dim,
@@ -143,7 +142,6 @@ def informative_categories(ds, samples: np.ndarray, *, min_coverage: float = 0.9
   that repeat a history item left out) is at least `min_lift` times what the same category
   sizes would give at random (categories shuffled over items). Returns (decision, figures).
   """
-  from tdr_jax.data.preprocess import UNKNOWN_CATEGORY, train_batch
   cat = np.asarray(ds.item_category)
   known = np.asarray(ds.category_names)[cat] != UNKNOWN_CATEGORY
   num_cat = len(np.unique(cat[known]))

@@ -9,6 +9,7 @@ test asserts that 4 devices give the losses and retrieved items of 1.
 
 import json
 import sys
+import types
 
 import jax
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from tdr_jax import experiment, parallel, sampling, train, training
 from tdr_jax import tree as tree_lib
 from tdr_jax.data import batches as batches_lib
+from tdr_jax.baselines import din_brute, youtube_dnn
+from tdr_jax.models import sasrec
 
 
 def probe_tree(data_dir, sampler):
@@ -52,9 +55,67 @@ def probe_tree(data_dir, sampler):
           "sharded": str(seen[0].history.sharding)}
 
 
+# The smoke preset's run settings, used by the baseline and SASRec probes.
+_SMOKE = dict(seed=0, batch_size=32, history_len=6, max_train_samples=800)
+
+
+def _smoke_users(data_dir, users=32):
+  """(dataset, the first `users` evaluation users) of the smoke synthetic dataset."""
+  cfg = experiment.make_config("smoke", data_dir=data_dir)
+  ds, _ = experiment.load_data(cfg)
+  ev = experiment.evaluation_set(cfg, ds)
+  return ds, types.SimpleNamespace(history=np.asarray(ev.history)[:users])
+
+
+def _batch_sharding(ds, mesh, stream=batches_lib.STREAM):
+  """str(sharding) `training.fit` gives a batch of the smoke run's stream on `mesh`."""
+  samples = batches_lib.training_samples(ds, max_train_samples=_SMOKE["max_train_samples"],
+                                         seed=_SMOKE["seed"])
+  b = batches_lib.batch_for_step(ds, samples, 0, steps_per_epoch=25,
+                                 batch_size=_SMOKE["batch_size"],
+                                 history_len=_SMOKE["history_len"], seed=_SMOKE["seed"],
+                                 stream=stream)
+  return str(jax.device_put(b, parallel.data_sharded(mesh)).history.sharding)
+
+
+def probe_youtube_dnn(data_dir):
+  """YouTubeDNN: three train steps (`youtube_dnn.fit`) and sharded brute-force MIPS."""
+  ds, users = _smoke_users(data_dir)
+  mesh = parallel.make_mesh()
+  model = youtube_dnn.fit(ds, epochs=0.12, num_negatives=50, log_every=1, mesh=mesh, **_SMOKE)
+  items = youtube_dnn.retrieve(model, users, topk=10, batch_size=32, mesh=mesh)
+  return {"losses": model.info["losses"].tolist(), "items": items.tolist(),
+          "sharded": _batch_sharding(ds, mesh)}
+
+
+def probe_din(data_dir):
+  """Item-level DIN: three train steps (`din_brute.fit`) and sharded scoring of every item."""
+  ds, users = _smoke_users(data_dir)
+  mesh = parallel.make_mesh()
+  model = din_brute.fit(ds, epochs=0.12, num_negatives=10, windows=(1, 2, 3),
+                        attention_hidden=(8,), mlp_hidden=(16, 8), log_every=1, mesh=mesh,
+                        **_SMOKE)
+  items = din_brute.retrieve(model, users, topk=10, batch_size=32, mesh=mesh)
+  return {"losses": model.info["losses"].tolist(), "items": items.tolist(),
+          "sharded": _batch_sharding(ds, mesh)}
+
+
+def probe_sasrec(data_dir):
+  """SASRec estimator: three train steps (`train_sasrec`) and sharded top-K of eta."""
+  ds, users = _smoke_users(data_dir)
+  mesh = parallel.make_mesh()
+  est = sasrec.train_sasrec(ds, epochs=0.12, dim=16, num_blocks=1, log_every=1, **_SMOKE)
+  items = est.retrieve(users.history, topk=10, batch_size=32, mesh=mesh)
+  return {"losses": [loss for _, loss in est.losses], "items": items.tolist(),
+          "sharded": _batch_sharding(ds, mesh, stream=23)}
+
+
 PROBES = {
     "tdr_top_down": lambda d: probe_tree(d, "top_down"),
     "tdr_uniform": lambda d: probe_tree(d, "uniform"),
+    "din": probe_din,
+    "youtube_dnn": probe_youtube_dnn,
+    "sasrec": probe_sasrec,
 }
 
 

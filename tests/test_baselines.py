@@ -11,7 +11,7 @@ import pytest
 
 from tdr_jax import experiment, metrics
 from tdr_jax.baselines import din_brute, itemcf, run_baseline, youtube_dnn
-from tdr_jax.baselines._common import topk_rows
+from tdr_jax.exact_topk import topk_rows
 from tdr_jax.data.preprocess import Dataset, eval_split
 
 # ---- Item-CF on a hand-computed case --------------------------------------------------------

@@ -10,13 +10,14 @@ hierarchical representation is the same thing).
 Training: sampled softmax with the logQ correction over items (`losses.sampled_softmax_loss`):
 for every sample, `num_negatives` leaves drawn uniformly with replacement among the N - 1
 items other than its target (`sampling.uniform_negatives` on level H, q = 1/(N-1)); the
-positive and its negatives are scored in one DIN call with `level=H`. Batches, learning rate,
-decay and checkpoints follow `tdr_jax.experiment` (see `_common.train_loop`).
+positive and its negatives are scored in one DIN call with `level=H` (the DIN as a
+`tdr_jax.scorer.ScoreFn`, `scorer.din_score_fn`). Batches, learning rate, decay and checkpoints
+are those of every trained method (`tdr_jax.training.fit`, see `fitting.fit_params`).
 
 Retrieval: `beam_search.brute_force` scores every item's leaf for every user (running top-K
-merge over item chunks), users in fixed-size padded batches (one compilation). The DIN call
-materialises [users, items, L, A] activations, so the item chunk is sized from
-`max_elements`.
+merge over item chunks), users in fixed-size padded batches (one compilation) split over the
+devices of a mesh (`parallel.map_user_batches`). The DIN call materialises
+[users, items, L, A] activations, so the item chunk is sized from `max_elements`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from tdr_jax import beam_search as bs
-from tdr_jax import losses, sampling
+from tdr_jax import losses, parallel, sampling, scorer, warm_start
 from tdr_jax import tree as tree_lib
-from tdr_jax.baselines._common import FitConfig, pad_rows, train_loop
+from tdr_jax.baselines.fitting import FitConfig, fit_params
 from tdr_jax.models import din as din_lib
 
-__all__ = ["DINBrute", "default_windows", "fit", "retrieve", "make_score_fn", "make_loss_fn"]
+__all__ = ["DINBrute", "default_windows", "fit", "retrieve", "make_loss_fn"]
 
 
 def default_windows(history_len: int) -> tuple[int, ...]:
@@ -57,23 +59,12 @@ class DINBrute:
   tree: tree_lib.Tree
   graphdef: Any
   params: Any
-  score_fn: Any  # score_fn(params, tree, history, nodes, level=None) -> float[U, M]
+  score_fn: scorer.ScoreFn  # (params, tree, history, nodes, level=None) -> float32[U, M]
   settings: dict
   info: dict
 
 
-def make_score_fn(graphdef):
-  """The `tdr_jax.sampling.ScoreFn` form of the DIN: `(params, tree, history, nodes, level)`."""
-  din_score = din_lib.make_score_fn(graphdef)
-
-  def score_fn(params, tree, history, nodes, level=None):
-    return din_score(params, history, nodes, jnp.asarray(tree.item_paths),
-                     jnp.asarray(tree.level_offsets), level=level)
-
-  return score_fn
-
-
-def make_loss_fn(score_fn, tree: tree_lib.Tree, *, num_negatives: int):
+def make_loss_fn(score_fn: scorer.ScoreFn, tree: tree_lib.Tree, *, num_negatives: int):
   """`loss_fn(params, batch, key)`: mean sampled-softmax loss over leaves (items)."""
   m = int(num_negatives)
   h = tree.height
@@ -102,10 +93,11 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
         attention_hidden: Sequence[int] = (36,), mlp_hidden: Sequence[int] = (128, 64),
         num_negatives: int = 100, workdir: str | None = None, checkpoint_every: int = 500,
         log_every: int = 50, verbose: bool = False,
-        item_vectors: np.ndarray | None = None) -> DINBrute:
+        item_vectors: np.ndarray | None = None, mesh: Mesh | None = None) -> DINBrute:
   """Trains the DIN on items (see the module docstring). `item_vectors` (float[N, D]):
   warm-start item vectors for the initial item embeddings (`tdr_jax.warm_start.node_rows`),
-  as the tree methods of the run get them."""
+  as the tree methods of the run get them. The steps run data-parallel over `mesh` (default:
+  all devices)."""
   windows = tuple(int(w) for w in windows) if windows else default_windows(history_len)
   if sum(windows) != history_len:
     raise ValueError(f"windows {windows} sum to {sum(windows)}, not history_len={history_len}")
@@ -121,13 +113,12 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
                            hierarchical=False)
   graphdef, params = nnx.split(model)
   if item_vectors is not None:
-    from tdr_jax import warm_start
     table = np.asarray(params["embed"]["embedding"][...])
     rows = warm_start.node_rows(item_vectors, tree, width=table.shape[1],
                                 rms=float(np.sqrt(np.mean(table.astype(np.float64) ** 2))),
                                 seed=seed)
     params["embed"]["embedding"] = nnx.Param(jnp.asarray(rows))
-  score_fn = make_score_fn(graphdef)
+  score_fn = scorer.din_score_fn(graphdef)
   settings = {"windows": list(windows), "embed_dim": int(embed_dim),
               "warm_start": item_vectors is not None,
               "attention_hidden": [int(a) for a in attention_hidden],
@@ -136,30 +127,34 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
               "learning_rate": float(learning_rate), "decay_rate": float(decay_rate),
               "tree_height": int(tree.height)}
   loss_fn = make_loss_fn(score_fn, tree, num_negatives=num_negatives)
-  params, info = train_loop("din", loss_fn, params, fc, ds, workdir=workdir,
-                            identity=settings, verbose=verbose)
+  params, info = fit_params("din", loss_fn, params, fc, ds, workdir=workdir,
+                            identity=settings, verbose=verbose, mesh=mesh)
   return DINBrute(tree=tree, graphdef=graphdef, params=params, score_fn=score_fn,
                   settings=settings, info=info)
 
 
 def retrieve(model: DINBrute, eval_set, *, topk: int, batch_size: int = 64,
-             max_elements: int = 1 << 25) -> np.ndarray:
-  """Exact top-K items per evaluation user by scoring every item. int32[U, K].
+             max_elements: int = 1 << 25, mesh: Mesh | None = None) -> np.ndarray:
+  """Exact top-K items per evaluation user (`eval_set.history`: int32[U, L]) by scoring every
+  item. int32[U, K].
 
-  `max_elements` bounds users x items x L x A of one DIN call (the item chunk is derived).
+  Users go in fixed-size batches (the last one padded), each split over the devices of `mesh`
+  (default: all devices). `max_elements` bounds users x items x L x A of one batch's DIN call
+  (the item chunk is derived from it).
   """
   history = np.asarray(eval_set.history, np.int32)
   num_users, hist_len = history.shape
   if num_users == 0:
     return np.zeros((0, topk), np.int32)
+  mesh = parallel.make_mesh() if mesh is None else mesh
   batch_size = max(1, min(batch_size, num_users))
   att = (model.settings["attention_hidden"] or [1])[0]
   chunk = max(1, min(model.tree.num_items, max_elements // (batch_size * hist_len * att)))
-  out = []
-  for lo in range(0, num_users, batch_size):
-    h = history[lo:lo + batch_size]
-    items, _ = bs.brute_force(model.score_fn, model.params, model.tree,
-                              jnp.asarray(pad_rows(h, batch_size, -1)), topk=topk,
-                              chunk_size=chunk)
-    out.append(np.asarray(items)[:len(h)])
-  return np.concatenate(out).astype(np.int32)
+  params = parallel.replicate(model.params, mesh)
+  tree = parallel.replicate(model.tree, mesh)
+
+  def batch_topk(h):
+    return bs.brute_force(model.score_fn, params, tree, h, topk=topk, chunk_size=chunk)[0]
+
+  items = parallel.map_user_batches(batch_topk, [history], batch_size=batch_size, mesh=mesh)
+  return np.asarray(items, np.int32)

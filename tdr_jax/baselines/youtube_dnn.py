@@ -19,12 +19,14 @@ Sampled softmax with the logQ correction (`losses.sampled_softmax_loss`): per ba
 by every sample of the batch* (one [B, D] x [D, m] product, the usual way this model is
 trained); q = 1/N per draw, so each negative logit is lowered by ln(m/N); a negative equal to a
 sample's own target (accidental hit) is masked out for that sample. Batches, learning rate,
-decay and checkpoints follow `tdr_jax.experiment` (see `_common.train_loop`).
+decay and checkpoints are those of every trained method (`tdr_jax.training.fit`, see
+`fitting.fit_params`).
 
 Retrieval
 ---------
-Exact top-K by inner product over all items: users in fixed-size batches, items in chunks of
-`chunk_size` with a running `lax.top_k` merge (ties: lower item id), all in one jitted call.
+Exact top-K by inner product over all items: users in fixed-size batches split over the
+devices of a mesh (`parallel.map_user_batches`), items in chunks of `chunk_size` with a running
+`lax.top_k` merge (ties: lower item id), all in one jitted call.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from tdr_jax import losses
-from tdr_jax.baselines._common import FitConfig, pad_rows, train_loop
+from tdr_jax import losses, parallel
+from tdr_jax.baselines.fitting import FitConfig, fit_params
 
 __all__ = ["YouTubeDNN", "YouTubeDNNModel", "fit", "retrieve", "mips_topk", "make_loss_fn"]
 
@@ -116,8 +119,9 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
         max_train_samples: int = 0, learning_rate: float = 1e-3, decay_rate: float = 0.9,
         embed_dim: int = 24, hidden: Sequence[int] = (128, 64), num_negatives: int = 1000,
         tie_embeddings: bool = False, workdir: str | None = None, checkpoint_every: int = 500,
-        log_every: int = 50, verbose: bool = False) -> YouTubeDNNModel:
-  """Trains the two-tower model on the training samples (see the module docstring)."""
+        log_every: int = 50, verbose: bool = False, mesh: Mesh | None = None) -> YouTubeDNNModel:
+  """Trains the two-tower model on the training samples (see the module docstring); the
+  steps run data-parallel over `mesh` (default: all devices)."""
   fc = FitConfig(seed=seed, epochs=epochs, batch_size=batch_size, history_len=history_len,
                  max_train_samples=max_train_samples, learning_rate=learning_rate,
                  decay_rate=decay_rate, checkpoint_every=checkpoint_every, log_every=log_every)
@@ -130,8 +134,8 @@ def fit(ds, *, seed: int = 0, epochs: float = 1.0, batch_size: int = 256, histor
               "tie_embeddings": bool(tie_embeddings), "learning_rate": float(learning_rate),
               "decay_rate": float(decay_rate)}
   loss_fn = make_loss_fn(graphdef, num_items=ds.num_items, num_negatives=num_negatives)
-  params, info = train_loop("youtube_dnn", loss_fn, params, fc, ds, workdir=workdir,
-                            identity=settings, verbose=verbose)
+  params, info = fit_params("youtube_dnn", loss_fn, params, fc, ds, workdir=workdir,
+                            identity=settings, verbose=verbose, mesh=mesh)
   return YouTubeDNNModel(graphdef=graphdef, params=params, settings=settings, info=info)
 
 
@@ -188,16 +192,21 @@ def _retrieve_batch(graphdef, params, history, *, topk: int, chunk_size: int):
 
 
 def retrieve(model: YouTubeDNNModel, eval_set, *, topk: int, batch_size: int = 256,
-             chunk_size: int = 8192) -> np.ndarray:
-  """Exact inner-product top-K for every evaluation user (`eval_set.history`). int32[U, K]."""
+             chunk_size: int = 8192, mesh: Mesh | None = None) -> np.ndarray:
+  """Exact inner-product top-K for every evaluation user (`eval_set.history`: int32[U, L]).
+
+  Users go in fixed-size batches (the last one padded), each split over the devices of `mesh`
+  (default: all devices). Returns int32[U, K].
+  """
   history = np.asarray(eval_set.history, np.int32)
-  batch_size = max(1, min(batch_size, len(history))) if len(history) else 1
-  out = []
-  for lo in range(0, len(history), batch_size):
-    h = history[lo:lo + batch_size]
-    items = _retrieve_batch(model.graphdef, model.params, jnp.asarray(pad_rows(h, batch_size, -1)),
-                            topk=topk, chunk_size=chunk_size)
-    out.append(np.asarray(items)[:len(h)])
-  if not out:
+  if not len(history):
     return np.zeros((0, topk), np.int32)
-  return np.concatenate(out).astype(np.int32)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  params = parallel.replicate(model.params, mesh)
+
+  def batch_topk(h):
+    return _retrieve_batch(model.graphdef, params, h, topk=topk, chunk_size=chunk_size)
+
+  items = parallel.map_user_batches(batch_topk, [history],
+                                    batch_size=max(1, min(batch_size, len(history))), mesh=mesh)
+  return np.asarray(items, np.int32)

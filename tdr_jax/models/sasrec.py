@@ -27,36 +27,35 @@ Training (:func:`train_sasrec`)
 -------------------------------
 Same samples as the TDR models (``ds.train_sample_pos``, histories from ``train_batch``; the
 same seeded subset as ``experiment.training_samples`` when ``max_train_samples`` is set),
-Adam at a constant learning rate, one jitted step, randomness from ``fold_in(key, step)``.
+Adam at a constant learning rate, steps run by ``tdr_jax.training.fit`` (data-parallel over
+a device mesh) on the batch stream of ``tdr_jax.data.batches`` with the estimator's own salt
+(``stream=23``), randomness from ``fold_in(key, step)``.
 Loss: full softmax cross-entropy over all N items (default up to ``MAX_FULL_SOFTMAX_ITEMS``
 items); above that, or with ``sampled=True``, a sampled softmax with ``num_negatives``
 uniform negatives shared by the batch and the logQ correction (accidental hits masked).
-With ``workdir`` the state is checkpointed with Orbax into ``workdir/sasrec``: a finished
-checkpoint is restored instead of retraining ("trained once per dataset"); an unfinished one
-is resumed and ends with the same parameters as an uninterrupted run.
+With ``workdir`` the state is checkpointed with Orbax (``training.Checkpointer``) into
+``workdir/sasrec``: a finished checkpoint is restored instead of retraining ("trained once
+per dataset"); an unfinished one is resumed and ends with the same parameters as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import logging
 import math
 import os
-import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from tdr_jax import losses
-from tdr_jax.data.preprocess import corpus_fingerprint, train_batch, training_samples
-from tdr_jax.errors import InputError
+from tdr_jax import losses, parallel, training
+from tdr_jax.data import batches as batches_lib
+from tdr_jax.data.preprocess import corpus_fingerprint
 
 __all__ = [
     "SASRec",
@@ -64,8 +63,6 @@ __all__ = [
     "train_sasrec",
     "MAX_FULL_SOFTMAX_ITEMS",
 ]
-
-log = logging.getLogger("tdr_jax")
 
 # Above this many items the default (sampled=None) switches to the sampled softmax.
 MAX_FULL_SOFTMAX_ITEMS = 100_000
@@ -216,34 +213,30 @@ class SASRecEstimator:
     """``float32[B, N]`` softmax probabilities eta_y(u) of every item."""
     return jax.nn.softmax(self.logits(history), axis=-1)
 
-  def retrieve(self, history: np.ndarray, *, topk: int, batch_size: int = 256) -> np.ndarray:
-    """``int32[U, topk]`` items with the largest eta per user, best first.
+  def retrieve(self, history: np.ndarray, *, topk: int, batch_size: int = 256,
+               mesh: Mesh | None = None) -> np.ndarray:
+    """``int32[U, topk]`` items with the largest eta per user (``history: int32[U, L]``), best
+    first.
 
-    Runs in fixed-size batches (the last one padded), so one compilation serves all.
+    Runs in fixed-size batches (the last one padded), so one compilation serves all; each
+    batch is split over the devices of ``mesh`` (default: all devices).
     """
     history = np.asarray(history, np.int32)
     k = min(int(topk), self.num_items)
-    out = []
-    for lo in range(0, len(history), batch_size):
-      h = history[lo:lo + batch_size]
-      pad = batch_size - len(h)
-      if pad:
-        h = np.concatenate([h, np.full((pad, h.shape[1]), -1, np.int32)])
-      _, idx = _top_k(self.graphdef, self.state, jnp.asarray(h), k)
-      out.append(np.asarray(idx)[:batch_size - pad])
-    items = np.concatenate(out).astype(np.int32) if out else np.zeros((0, k), np.int32)
+    if len(history):
+      mesh = parallel.make_mesh() if mesh is None else mesh
+      state = parallel.replicate(self.state, mesh)
+      items = parallel.map_user_batches(
+          lambda h: _top_k(self.graphdef, state, h, k)[1], [history], batch_size=batch_size,
+          mesh=mesh).astype(np.int32)
+    else:
+      items = np.zeros((0, k), np.int32)
     if k < topk:
       items = np.pad(items, ((0, 0), (0, topk - k)), constant_values=-1)
     return items
 
 
 # ---------------------------------------------------------------------------------- training
-
-
-class _TrainState(NamedTuple):
-  step: jax.Array  # int32[]
-  params: Any  # nnx.State
-  opt_state: Any
 
 
 def _seq_loss(model: SASRec, history, target, mask, key, *, sampled: bool,
@@ -273,36 +266,16 @@ def _seq_loss(model: SASRec, history, target, mask, key, *, sampled: bool,
 @functools.lru_cache(maxsize=16)
 def _make_step(graphdef: nnx.GraphDef, lr: float, sampled: bool, num_negatives: int,
                train_dropout: bool):
-  """The jitted train step for one model structure / optimizer (cached across calls)."""
+  """(optimizer, train step of `training.fit`) for one model structure / optimizer, cached
+  across calls (the same step function reuses its compilation)."""
   optimizer = optax.adam(lr)
 
-  def loss_fn(params, history, target, mask, key):
-    return _seq_loss(nnx.merge(graphdef, params), history, target, mask, key,
+  def loss_fn(params, batch: batches_lib.Batch, aux, key):
+    return _seq_loss(nnx.merge(graphdef, params), batch.history, batch.target, batch.mask, key,
                      sampled=sampled, num_negatives=num_negatives,
                      train_dropout=train_dropout)
 
-  def step(state: _TrainState, history, target, mask, base_key):
-    key = jax.random.fold_in(base_key, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, history, target, mask, key)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return _TrainState(state.step + 1, params, opt_state), loss
-
-  return optimizer, jax.jit(step, donate_argnums=0)
-
-
-def _batch(ds, samples, step: int, steps_per_epoch: int, batch_size: int, history_len: int,
-           seed: int):
-  """Batch of a global step: a seeded permutation per epoch; the last batch padded+masked."""
-  epoch, i = divmod(step, steps_per_epoch)
-  perm = np.random.default_rng([seed, 23, epoch]).permutation(len(samples))
-  idx = perm[i * batch_size:(i + 1) * batch_size]
-  mask = np.ones(batch_size, bool)
-  if len(idx) < batch_size:
-    mask[len(idx):] = False
-    idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
-  hist, target = train_batch(ds, samples[idx], history_len)
-  return hist.astype(np.int32), target.astype(np.int32), mask
+  return optimizer, training.loss_step(loss_fn, optimizer)
 
 
 def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: float = 1e-3,
@@ -341,90 +314,48 @@ def train_sasrec(ds, *, history_len: int, epochs: float, batch_size: int, lr: fl
         f"sampled=True (sampled softmax with uniform negatives) or a smaller batch")
   if epochs <= 0 or batch_size < 1 or history_len < 1:
     raise ValueError("epochs, batch_size and history_len must be positive")
-  samples = training_samples(ds, max_train_samples=max_train_samples, seed=seed)
+  samples = batches_lib.training_samples(ds, max_train_samples=max_train_samples, seed=seed)
   if len(samples) == 0:
     raise ValueError("the dataset has no training samples")
-  steps_per_epoch = math.ceil(len(samples) / batch_size)
-  total_steps = max(1, int(round(epochs * steps_per_epoch)))
+  steps_per_epoch, total_steps = batches_lib.steps_for(len(samples), batch_size=batch_size,
+                                                       epochs=epochs)
 
   model = SASRec(num_items=n, max_len=history_len, dim=dim, num_blocks=num_blocks,
                  num_heads=num_heads, dropout=dropout,
                  rngs=nnx.Rngs(params=jax.random.key(seed)))
   graphdef, params = nnx.split(model)
-  optimizer, jit_step = _make_step(graphdef, float(lr), bool(sampled), int(num_negatives),
-                                   dropout > 0)
-  state = _TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  optimizer, step_fn = _make_step(graphdef, float(lr), bool(sampled), int(num_negatives),
+                                  dropout > 0)
 
-  settings = {"history_len": history_len, "batch_size": batch_size, "lr": lr, "seed": seed,
-              "max_train_samples": max_train_samples, "dim": dim, "num_blocks": num_blocks,
-              "num_heads": num_heads, "dropout": dropout, "sampled": bool(sampled),
-              "num_negatives": num_negatives if sampled else 0}
-  fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-  corpus_fp = corpus_fingerprint(ds)
+  def batches(step: int) -> batches_lib.Batch:
+    return batches_lib.batch_for_step(ds, samples, step, steps_per_epoch=steps_per_epoch,
+                                      batch_size=batch_size, history_len=history_len,
+                                      seed=seed, levels=1, stream=23)
 
-  manager = None
-  start = 0
-  restored_step = None
+  checkpointer = None
   if workdir is not None:
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "sasrec"))
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True))
-    meta = {"settings_fingerprint": fingerprint, "corpus_fingerprint": corpus_fp,
-            "settings": settings}
-    latest = manager.latest_step()
-    if latest is not None:
-      got = manager.restore(latest, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore())).meta
-      for key, what in (("settings_fingerprint", "SASRec settings"),
-                        ("corpus_fingerprint", "corpus")):
-        if got.get(key) != meta[key]:
-          manager.close()
-          raise InputError(
-              f"SASRec checkpoint {ckpt_dir} (step {latest}) was written for other "
-              f"{what} ({key} {got.get(key)} != {meta[key]}); use another workdir")
-      if latest > total_steps:
-        manager.close()
-        raise InputError(
-            f"SASRec checkpoint {ckpt_dir} is at step {latest}, beyond the "
-            f"{total_steps} steps of epochs={epochs}; use another workdir")
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-      state = manager.restore(latest, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract))).state
-      start = restored_step = int(state.step)
-      log.info("SASRec: restored checkpoint step %d of %d (%s)", start, total_steps,
-               ckpt_dir)
-
-  base_key = jax.random.fold_in(jax.random.key(seed), 1)
-  history_losses = []
-  pending = []
-  t0 = time.perf_counter()
-
-  def flush(step):
-    vals = np.asarray(jax.device_get(pending))
-    if not np.all(np.isfinite(vals)):
-      raise FloatingPointError(f"non-finite SASRec loss before step {step}; lower lr")
-    history_losses.append((step, float(vals.mean())))
-    pending.clear()
-
-  for step in range(start, total_steps):
-    hist, target, mask = _batch(ds, samples, step, steps_per_epoch, batch_size,
-                                history_len, seed)
-    state, loss = jit_step(state, hist, target, mask, base_key)
-    pending.append(loss)
-    done = step + 1
-    if len(pending) >= log_every or done == total_steps:
-      flush(done)
-    if manager is not None and (done % checkpoint_every == 0 or done == total_steps):
-      manager.save(done, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          force=done == total_steps)
-  seconds = time.perf_counter() - t0
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
-  params = jax.block_until_ready(state.params)
-  return SASRecEstimator(graphdef=graphdef, state=params, num_items=n, max_len=history_len,
-                         losses=history_losses, steps=total_steps, restored_step=restored_step,
-                         train_seconds=seconds)
+    settings = {"history_len": history_len, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "max_train_samples": max_train_samples, "dim": dim, "num_blocks": num_blocks,
+                "num_heads": num_heads, "dropout": dropout, "sampled": bool(sampled),
+                "num_negatives": num_negatives if sampled else 0}
+    checkpointer = training.Checkpointer(
+        os.path.join(workdir, "sasrec"),
+        identity={"settings_fingerprint": training.fingerprint(settings),
+                  "corpus_fingerprint": corpus_fingerprint(ds)},
+        phrases={"settings_fingerprint": "other SASRec settings",
+                 "corpus_fingerprint": "another corpus"},
+        record=settings)
+  out = training.fit(step_fn, training.init_state(params, optimizer), batches,
+                     total_steps=total_steps, base_key=jax.random.fold_in(jax.random.key(seed), 1),
+                     checkpointer=checkpointer, checkpoint_every=checkpoint_every,
+                     log_every=log_every, name="sasrec")
+  # (step, mean loss) per log_every steps of this call, counted from the step it started at.
+  per_step = out.metrics.get("loss", np.zeros(0, np.float32))
+  start = out.steps - out.steps_run
+  chunk_losses = [(start + min(lo + log_every, len(per_step)),
+                   float(per_step[lo:lo + log_every].mean()))
+                  for lo in range(0, len(per_step), log_every)]
+  return SASRecEstimator(graphdef=graphdef, state=jax.tree.map(jnp.asarray, out.state.params),
+                         num_items=n, max_len=history_len, losses=chunk_losses,
+                         steps=total_steps, restored_step=out.resumed_from,
+                         train_seconds=out.seconds)
