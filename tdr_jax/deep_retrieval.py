@@ -3,22 +3,23 @@ path beam search, softmax reranking, checkpoints and `run_dr`.
 
 Training (EM)
 -------------
-Paths start random (J distinct paths per item, seeded). The run alternates
+Paths start random (J distinct paths per item, seeded). The run is one `training.fit` over
+`(em_rounds + 1) * steps_per_estep` steps, cut into phases of `steps_per_estep` steps:
 
-* E-step: `epochs_per_estep` epochs of Adam on the batches of `experiment.batch_for_step`
-  (the same data stream as the other methods, continued across E-steps; one optimizer and one
-  learning-rate schedule for the whole run), with the paths fixed. Loss per sample:
-  -log sum_j p(pi_j(y) | x) (multi-path structure objective) plus, with the reranker,
-  `rerank_weight` times a sampled softmax over items (uniform negatives shared by the batch,
-  logQ correction), i.e. Q = Q_pen + Q_softmax; the path-size penalty does not depend on the
-  network, so it only enters the M-step.
-* M-step: every training instance (x, v) is beam-searched with beam S (`top_paths`); its S
-  paths and probabilities p(c | x) are accumulated into s[v, c] (`score_mode="sum"`: exact
-  sums, then the S best paths per item are kept; `"streaming"`: the paper's remark, a top-S
-  list per item updated instance by instance with decay eta and the min_score rule). With
-  `score_current_paths` (default, an addition to the paper) each instance also contributes
-  the exact p(c | x) of its item's J current paths, so staying put is valued by its true score
-  rather than 0 when the beam misses those paths. Then
+* E-step (a phase): `epochs_per_estep` epochs of Adam on the batches of
+  `data.batches.batch_for_step` (the same data stream as the other methods, continued across
+  E-steps; one optimizer and one learning-rate schedule for the whole run), with the paths
+  fixed. Loss per sample: -log sum_j p(pi_j(y) | x) (multi-path structure objective) plus,
+  with the reranker, `rerank_weight` times a sampled softmax over items (uniform negatives
+  shared by the batch, logQ correction), i.e. Q = Q_pen + Q_softmax; the path-size penalty
+  does not depend on the network, so it only enters the M-step.
+* M-step (the hook between phases): every training instance (x, v) is beam-searched with beam
+  S (`top_paths`); its S paths and probabilities p(c | x) are accumulated into s[v, c]
+  (`score_mode="sum"`: exact sums, then the S best paths per item are kept; `"streaming"`: the
+  paper's remark, a top-S list per item updated instance by instance with decay eta and the
+  min_score rule). With `score_current_paths` (default, an addition to the paper) each
+  instance also contributes the exact p(c | x) of its item's J current paths, so staying put
+  is valued by its true score rather than 0 when the beam misses those paths. Then
   `cd_iterations` sweeps of coordinate descent (paper's Algorithm 2) over the items assign J
   distinct paths per item greedily by incremental gain
   N_v [log(partial + s[v, c]) - log(partial)] - alpha [f(|c| + 1) - f(|c|)], f(x) = x^4 / 4.
@@ -27,9 +28,9 @@ There are `em_rounds` M-steps and `em_rounds + 1` E-steps (the last E-step fits 
 to the final paths); `em_rounds=0` trains on random paths only.
 
 M-step cost: instance scoring is one forward pass with a beam of S over the n training
-instances (O(n D S K) layer evaluations). Aggregation ("sum") sorts the n (S + J)
-(item, path) pairs, O(n S log(n S)); "streaming" is a `lax.scan` over the instances,
-O(n S^2). Coordinate descent is a jitted `lax.scan` over the N items per sweep,
+instances (O(n D S K) layer evaluations, data-parallel over the mesh). Aggregation ("sum")
+sorts the n (S + J) (item, path) pairs, O(n S log(n S)); "streaming" is a `lax.scan` over the
+instances, O(n S^2). Coordinate descent is a jitted `lax.scan` over the N items per sweep,
 O(T N J (S + J)) plus a size table of K^D ints; it is exact sequential Algorithm 2 (each item
 sees the sizes left by the items before it). Measured on a 2-core CPU, S = 10, J = 3: one sweep
 takes ~0.1 s for 10^5 items (K^D = 125k) and ~1.5 s for 10^6 items (K^D = 10^6); "sum"
@@ -37,19 +38,20 @@ aggregation of 10^6 instances ~7 s, of 10^7 instances ~90 s (the sort dominates)
 
 Inference
 ---------
-Beam search with beam B over paths by path log-probability (`models.dr.beam_search_paths`),
-the items of the B paths (CSR index path -> items, gathered to a static [B, max path size]
-block with -1 padding and masks, duplicates removed), ordered by the reranker's logits (or,
-without a reranker, by the best path log-probability, ties to the lower item id); top K.
-Users with fewer than K candidates get -1 in the remaining slots.
+Beam search with beam B over paths by path log-probability
+(`models.structure_net.beam_search_paths`), the items of the B paths (CSR index path -> items,
+gathered to a static [B, max path size] block with -1 padding and masks, duplicates removed),
+ordered by the reranker's logits (or, without a reranker, by the best path log-probability,
+ties to the lower item id); top K. Users with fewer than K candidates get -1 in the remaining
+slots. User batches are split over the devices of the mesh (`parallel.map_user_batches`).
 
 Checkpoints
 -----------
-With a workdir, `<workdir>/checkpoints` (Orbax, via `baselines._common._Checkpoints`) holds
-{train state (network + reranker + Adam), item paths int32[N, J, D], number of M-steps done}
-after every `checkpoint_every` steps, at the end of every E-step and after every M-step. A
-rerun resumes mid-E-step or between E- and M-step and ends with the same results; a checkpoint
-of other settings or another corpus is refused.
+With a workdir, `<workdir>/checkpoints` (`training.Checkpointer`) holds the train state
+(network + reranker + Adam) and the carry of the phases {item paths int32[N, J, D], M-steps
+done} after every `checkpoint_every` steps, at the end of every E-step and after every M-step.
+A rerun resumes mid-E-step or between E- and M-step and ends with the same results; a
+checkpoint of other settings or another corpus is refused.
 """
 
 from __future__ import annotations
@@ -64,15 +66,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
-from tdr_jax import losses, train
-from tdr_jax.baselines._common import FitConfig, _Checkpoints, fingerprint, pad_rows
-from tdr_jax.data.preprocess import train_batch
+from tdr_jax import losses, parallel, train, training
+from tdr_jax.data import batches as batches_lib
+from tdr_jax.data.preprocess import corpus_fingerprint, train_batch
 from tdr_jax.errors import InputError
 from tdr_jax.metrics import repeated_in_row
-from tdr_jax.models import dr as dr_model
+from tdr_jax.models import structure_net
+from tdr_jax.training import SimulatedCrash
 
 __all__ = ["DRConfig", "PRESETS", "dr_config", "random_paths", "aggregate_path_scores",
            "streaming_path_scores", "candidate_lists", "coordinate_descent",
@@ -80,10 +84,7 @@ __all__ = ["DRConfig", "PRESETS", "dr_config", "random_paths", "aggregate_path_s
            "retrieve", "fit", "run_dr", "DRModel", "SimulatedCrash"]
 
 _TINY = 1e-30  # floor inside log() of the M-step: a zero score is "very unlikely", not -inf
-
-
-class SimulatedCrash(RuntimeError):
-  """Raised by `stop_after_step` (testing resumption from checkpoints)."""
+_SCORE_CHUNK = 64  # M-step batches of training instances built on the host at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +136,8 @@ class DRConfig:
       raise InputError(f"alpha must be >= 0, got {self.alpha}")
     if self.em_rounds < 0 or self.cd_iterations < 1 or self.epochs_per_estep <= 0:
       raise InputError("need em_rounds >= 0, cd_iterations >= 1 and epochs_per_estep > 0")
-    if self.user_encoder not in dr_model.USER_ENCODERS:
-      raise InputError(f"user_encoder={self.user_encoder!r}: choose {dr_model.USER_ENCODERS}")
+    if self.user_encoder not in structure_net.USER_ENCODERS:
+      raise InputError(f"user_encoder={self.user_encoder!r}: choose {structure_net.USER_ENCODERS}")
     if self.score_mode not in ("sum", "streaming"):
       raise InputError(f"score_mode={self.score_mode!r}: choose 'sum' or 'streaming'")
     if not 0.0 < self.streaming_decay <= 1.0:
@@ -409,54 +410,66 @@ def coordinate_descent(cand: np.ndarray, scores: np.ndarray, counts: np.ndarray,
 @functools.partial(jax.jit, static_argnames=("graphdef", "top"))
 def _beam_instances(graphdef, params, history, target, paths, *, top: int):
   model = nnx.merge(graphdef, params)
-  user = dr_model.encode_users(model, history)
-  codes, logp = dr_model.beam_search_paths(model, user, beam=top)
-  ids = dr_model.path_ids(codes, width=model.width)
+  user = structure_net.encode_users(model, history)
+  codes, logp = structure_net.beam_search_paths(model, user, beam=top)
+  ids = structure_net.path_ids(codes, width=model.width)
   if paths is None:
     return ids, jnp.exp(logp)
   own = paths[jnp.maximum(target, 0)]  # [b, J, D]
-  own_ids = dr_model.path_ids(own, width=model.width)
-  own_p = jnp.exp(dr_model.path_log_probs(model, user, own))
+  own_ids = structure_net.path_ids(own, width=model.width)
+  own_p = jnp.exp(structure_net.path_log_probs(model, user, own))
   seen = (own_ids[:, :, None] == ids[:, None, :]).any(axis=2)  # already in the beam
   return (jnp.concatenate([ids, jnp.where(seen, -1, own_ids)], axis=1),
           jnp.concatenate([jnp.exp(logp), jnp.where(seen, 0.0, own_p)], axis=1))
 
 
 def score_instances(graphdef, params, ds, samples: np.ndarray, *, history_len: int, top: int,
-                    batch_size: int, paths: np.ndarray | None = None
+                    batch_size: int, paths: np.ndarray | None = None, mesh: Mesh | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Top-`top` paths of every training instance by beam search, with p(c | x).
 
   With `paths` (int32[N, J, D] codes), each instance also reports the exact probabilities of
   its target's J current paths that the beam missed (extra columns), so the M-step values
-  an item's current paths by their true scores instead of 0.
+  an item's current paths by their true scores instead of 0. Instances go in batches of
+  `batch_size` split over the devices of `mesh` (default: all devices).
 
   Returns (items int32[n], path ids int32[n, W] (-1 = none), probabilities float32[n, W]),
   W = top (+ J with `paths`).
   """
+  mesh = mesh or parallel.make_mesh()
+  if len(samples) == 0:
+    width = top + (0 if paths is None else np.shape(paths)[1])
+    return (np.zeros(0, np.int32), np.zeros((0, width), np.int32),
+            np.zeros((0, width), np.float32))
+  params, paths_dev = parallel.replicate(
+      (params, None if paths is None else np.asarray(paths, np.int32)), mesh)
+
+  def beam(history, target):
+    return _beam_instances(graphdef, params, history, target, paths_dev, top=top)
+
   items, ids, probs = [], [], []
-  paths_j = None if paths is None else jnp.asarray(paths, jnp.int32)
-  for lo in range(0, len(samples), batch_size):
-    hist, target = train_batch(ds, samples[lo:lo + batch_size], history_len)
-    got_ids, got_p = _beam_instances(graphdef, params, jnp.asarray(pad_rows(hist, batch_size, -1)),
-                                     jnp.asarray(pad_rows(target, batch_size, 0)), paths_j,
-                                     top=top)
+  chunk = batch_size * _SCORE_CHUNK  # whole batches: only the very last one is padded
+  for lo in range(0, len(samples), chunk):
+    hist, target = train_batch(ds, samples[lo:lo + chunk], history_len)
+    target = target.astype(np.int32)
+    got_ids, got_p = parallel.map_user_batches(beam, [hist.astype(np.int32), target],
+                                               batch_size=batch_size, mesh=mesh)
     items.append(target)
-    ids.append(np.asarray(got_ids)[:len(hist)])
-    probs.append(np.asarray(got_p)[:len(hist)])
+    ids.append(got_ids)
+    probs.append(got_p)
   return (np.concatenate(items).astype(np.int32), np.concatenate(ids).astype(np.int32),
           np.concatenate(probs).astype(np.float32))
 
 
 def m_step(graphdef, params, ds, samples: np.ndarray, current: np.ndarray, config: DRConfig, *,
-           history_len: int) -> tuple[np.ndarray, dict]:
+           history_len: int, mesh: Mesh | None = None) -> tuple[np.ndarray, dict]:
   """New item paths int64[N, J] (flat ids) from the network and the current ones, plus info."""
   t0 = time.perf_counter()
-  own = (dr_model.path_codes(current, width=config.width, depth=config.depth)
+  own = (structure_net.path_codes(current, width=config.width, depth=config.depth)
          if config.score_current_paths else None)
   items, ids, probs = score_instances(graphdef, params, ds, samples, history_len=history_len,
                                       top=config.top_paths, batch_size=config.mstep_batch_size,
-                                      paths=own)
+                                      paths=own, mesh=mesh)
   t1 = time.perf_counter()
   estimate = aggregate_path_scores if config.score_mode == "sum" else functools.partial(
       streaming_path_scores, decay=config.streaming_decay)
@@ -500,9 +513,9 @@ def path_index(ids: np.ndarray, *, num_structure_paths: int) -> tuple[np.ndarray
 def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int, topk: int,
                     max_path_size: int, use_reranker: bool):
   model = nnx.merge(graphdef, params)
-  user = dr_model.encode_users(model, history)
-  codes, logp = dr_model.beam_search_paths(model, user, beam=beam)
-  pid = dr_model.path_ids(codes, width=model.width)  # [b, B], -1 = no path
+  user = structure_net.encode_users(model, history)
+  codes, logp = structure_net.beam_search_paths(model, user, beam=beam)
+  pid = structure_net.path_ids(codes, width=model.width)  # [b, B], -1 = no path
   ok = pid >= 0
   safe = jnp.maximum(pid, 0)
   start = offsets[safe]
@@ -519,8 +532,8 @@ def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int
   keep = keep & jnp.concatenate([jnp.ones((b, 1), bool), cand[:, 1:] != cand[:, :-1]], axis=1)
   items = jnp.where(keep, cand, -1)
   if use_reranker:
-    score = jnp.where(keep, dr_model.rerank_logits(
-        model, dr_model.rerank_user_vectors(model, user), items), -jnp.inf)
+    score = jnp.where(keep, structure_net.rerank_logits(
+        model, structure_net.rerank_user_vectors(model, user), items), -jnp.inf)
   else:
     score = jnp.where(keep, -neg_logp, -jnp.inf)
   k = min(topk, items.shape[1])
@@ -540,41 +553,43 @@ class DRModel:
   config: DRConfig
   info: dict
 
-  def module(self) -> dr_model.StructureNet:
+  def module(self) -> structure_net.StructureNet:
     return nnx.merge(self.graphdef, self.params)
 
   def path_ids(self) -> np.ndarray:
     """int64[N, J] flat path ids."""
-    return dr_model.path_ids(self.paths.astype(np.int64), width=self.config.width)
+    return structure_net.path_ids(self.paths.astype(np.int64), width=self.config.width)
 
 
 def retrieve(model: DRModel, history: np.ndarray, *, topk: int, beam_size: int | None = None,
-             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             batch_size: int | None = None, mesh: Mesh | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Top-K items for histories int32[U, L]: (int32[U, topk] best first, -1 padded;
-  int64[U] number of distinct candidate items of each user's beam)."""
+  int64[U] number of distinct candidate items of each user's beam). User batches of
+  `batch_size` (default `eval_batch_size`) are split over the devices of `mesh` (default: all
+  devices)."""
   cfg = model.config
   beam = int(beam_size or cfg.beam_size)
   if not 1 <= beam <= cfg.num_structure_paths:
     raise ValueError(f"beam_size {beam} must lie in [1, K^D={cfg.num_structure_paths}]")
   if topk < 1:
     raise ValueError(f"topk must be >= 1, got {topk}")
+  history = np.asarray(history, np.int32)
+  if len(history) == 0:
+    return np.zeros((0, topk), np.int32), np.zeros(0, np.int64)
+  mesh = mesh or parallel.make_mesh()
   offsets, path_items, max_size = path_index(model.path_ids(),
                                              num_structure_paths=cfg.num_structure_paths)
-  history = np.asarray(history, np.int32)
-  bs = int(batch_size or cfg.eval_batch_size)
-  bs = max(1, min(bs, len(history))) if len(history) else 1
-  offsets_j, items_j = jnp.asarray(offsets), jnp.asarray(path_items)
-  out, counts = [], []
-  for lo in range(0, len(history), bs):
-    h = history[lo:lo + bs]
-    got, n = _retrieve_batch(model.graphdef, model.params, jnp.asarray(pad_rows(h, bs, -1)),
-                             offsets_j, items_j, beam=beam, topk=topk,
-                             max_path_size=max(max_size, 1), use_reranker=cfg.reranker)
-    out.append(np.asarray(got)[:len(h)])
-    counts.append(np.asarray(n)[:len(h)])
-  if not out:
-    return np.zeros((0, topk), np.int32), np.zeros(0, np.int64)
-  return np.concatenate(out), np.concatenate(counts).astype(np.int64)
+  bs = max(1, min(int(batch_size or cfg.eval_batch_size), len(history)))
+  params, offsets_dev, items_dev = parallel.replicate((model.params, offsets, path_items), mesh)
+
+  def one_batch(h):
+    return _retrieve_batch(model.graphdef, params, h, offsets_dev, items_dev, beam=beam,
+                           topk=topk, max_path_size=max(max_size, 1),
+                           use_reranker=cfg.reranker)
+
+  out, counts = parallel.map_user_batches(one_batch, [history], batch_size=bs, mesh=mesh)
+  return out.astype(np.int32), counts.astype(np.int64)
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -588,18 +603,19 @@ def make_loss_fn(graphdef, config: DRConfig, *, num_items: int):
 
   def loss_fn(params, batch, paths, key):
     model = nnx.merge(graphdef, params)
-    user = dr_model.encode_users(model, batch.history)
+    user = structure_net.encode_users(model, batch.history)
     target = jnp.maximum(batch.target, 0)
-    ll = dr_model.multi_path_log_likelihood(dr_model.path_log_probs(model, user, paths[target]))
+    ll = structure_net.multi_path_log_likelihood(
+        structure_net.path_log_probs(model, user, paths[target]))
     mask = batch.mask.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(mask), 1.0)
     structure = -jnp.sum(ll * mask) / denom
     if not config.reranker:
       return structure, {"structure": structure, "softmax": jnp.zeros(())}
-    vec = dr_model.rerank_user_vectors(model, user)
-    pos = dr_model.rerank_logits(model, vec, target[:, None])[:, 0]
+    vec = structure_net.rerank_user_vectors(model, user)
+    pos = structure_net.rerank_logits(model, vec, target[:, None])[:, 0]
     neg = jax.random.randint(key, (m,), 0, num_items)
-    per = softmax_loss(pos, dr_model.rerank_logits(model, vec, neg), jnp.full((m,), log_q),
+    per = softmax_loss(pos, structure_net.rerank_logits(model, vec, neg), jnp.full((m,), log_q),
                        neg[None, :] != target[:, None])
     soft = jnp.sum(per * mask) / denom
     return structure + config.rerank_weight * soft, {"structure": structure, "softmax": soft}
@@ -607,39 +623,33 @@ def make_loss_fn(graphdef, config: DRConfig, *, num_items: int):
   return loss_fn
 
 
-def _fit_config(config: DRConfig, *, seed: int, history_len: int, batch_size: int,
-                max_train_samples: int) -> FitConfig:
-  return FitConfig(seed=seed, epochs=config.epochs_per_estep, batch_size=batch_size,
-                   history_len=history_len, max_train_samples=max_train_samples,
-                   learning_rate=config.learning_rate, decay_rate=config.decay_rate,
-                   checkpoint_every=config.checkpoint_every, log_every=config.log_every)
-
-
-def _identity(config: DRConfig, fc: FitConfig, ds) -> dict:
-  from tdr_jax import experiment  # lazy: experiment may import this module
+def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_size: int,
+                  max_train_samples: int) -> dict:
+  """What a checkpoint must match: the DRConfig less its evaluation/logging fields, the data
+  stream settings and the corpus."""
   skip = {"beam_size", "eval_batch_size", "checkpoint_every", "log_every"}
-  return {"name": "dr", "fingerprint": fingerprint(
-      {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
-       "fit": {k: v for k, v in dataclasses.asdict(fc).items()
-               if k not in ("checkpoint_every", "log_every")},
-       "corpus": experiment.corpus_fingerprint(ds)})}
+  return {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
+          "fit": {"seed": seed, "history_len": history_len, "batch_size": batch_size,
+                  "max_train_samples": max_train_samples},
+          "corpus": corpus_fingerprint(ds)}
 
 
 def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_size: int = 256,
         max_train_samples: int = 0, workdir: str | None = None, stop_after_step: int = 0,
-        verbose: bool = False) -> DRModel:
-  """EM training (see the module docstring). `stop_after_step` > 0 raises SimulatedCrash right
-  after that global training step (and its checkpoint, if one is due) -- testing only."""
-  from tdr_jax import experiment  # lazy: experiment may import this module
+        verbose: bool = False, mesh: Mesh | None = None) -> DRModel:
+  """EM training (see the module docstring) through `training.fit` on `mesh` (default: all
+  devices; `batch_size` must divide over them). `stop_after_step` > 0 raises SimulatedCrash
+  right after that global training step (and its checkpoint, if one is due) unless it is the
+  last step -- testing only."""
   config.check_corpus(ds.num_items)
-  fc = _fit_config(config, seed=seed, history_len=history_len, batch_size=batch_size,
-                   max_train_samples=max_train_samples)
-  samples = experiment.training_samples(fc, ds)
+  mesh = mesh or parallel.make_mesh()
+  samples = batches_lib.training_samples(ds, max_train_samples=max_train_samples, seed=seed)
   if len(samples) == 0:
     raise ValueError("the dataset has no training samples")
-  steps_per_epoch, steps_per_estep = experiment.steps_per_round(fc, len(samples))
-  n_paths = config.num_structure_paths
-  net = dr_model.StructureNet(
+  steps_per_epoch, steps_per_estep = batches_lib.steps_for(
+      len(samples), batch_size=batch_size, epochs=config.epochs_per_estep)
+  total_steps = (config.em_rounds + 1) * steps_per_estep
+  net = structure_net.StructureNet(
       num_items=ds.num_items, width=config.width, depth=config.depth,
       embed_dim=config.embed_dim, user_dim=config.user_dim, path_dim=config.path_dim,
       hidden=config.hidden, user_encoder=config.user_encoder,
@@ -649,116 +659,80 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   optimizer = train.make_optimizer(learning_rate=config.learning_rate,
                                    decay_steps=steps_per_epoch, decay_rate=config.decay_rate)
   ids = random_paths(np.random.default_rng([seed, 23]), num_items=ds.num_items,
-                     num_structure_paths=n_paths, num_paths=config.num_paths)
-  state = {"train": train.init_state(params, optimizer),
-           "paths": dr_model.path_codes(ids, width=config.width,
-                                        depth=config.depth).astype(np.int32),
+                     num_structure_paths=config.num_structure_paths, num_paths=config.num_paths)
+  # The host-side carry of the phases: int32[N, J, D] path codes, int32[] M-steps done.
+  carry = {"paths": structure_net.path_codes(ids, width=config.width,
+                                             depth=config.depth).astype(np.int32),
            "msteps": np.zeros((), np.int32)}
-  loss_fn = make_loss_fn(graphdef, config, num_items=ds.num_items)
-
-  def step(ts: train.TrainState, batch: train.Batch, paths, base_key):
-    key = jax.random.fold_in(base_key, ts.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts.params, batch, paths, key)
-    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-    return train.TrainState(ts.step + 1, optax.apply_updates(ts.params, updates),
-                            opt_state), (loss, aux["structure"], aux["softmax"])
-
-  jit_step = jax.jit(step, donate_argnums=0)
   ckpt = None
-  resumed_from = None
   if workdir:
-    ckpt = _Checkpoints(os.path.join(workdir, "checkpoints"), _identity(config, fc, ds))
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, state)
-      resumed_from = int(latest)
-      if verbose:
-        print(f"dr: resuming at training step {int(state['train'].step)}, "
-              f"{int(state['msteps'])} M-steps done")
+    identity = _run_identity(config, ds, seed=seed, history_len=history_len,
+                             batch_size=batch_size, max_train_samples=max_train_samples)
+    ckpt = training.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        identity={"fingerprint": training.fingerprint(identity)},
+        phrases={"fingerprint": "another dr run"}, record={"method": "dr", **identity})
+  mstep_infos = []
+
+  def batches(step: int) -> batches_lib.Batch:
+    return batches_lib.batch_for_step(ds, samples, step, steps_per_epoch=steps_per_epoch,
+                                      batch_size=batch_size, history_len=history_len,
+                                      seed=seed, levels=1)
+
+  def between(phase: int, state: training.TrainState, carry: dict) -> tuple[Any, dict]:
+    """The M-step after E-step `phase`."""
+    current = structure_net.path_ids(np.asarray(carry["paths"], np.int64), width=config.width)
+    new, info = m_step(graphdef, state.params, ds, samples, current, config,
+                       history_len=history_len, mesh=mesh)
+    msteps = int(carry["msteps"]) + 1
+    mstep_infos.append(info)
+    if verbose:
+      print(f"dr: M-step {msteps}: max path {info['max_path_size']}, non-empty "
+            f"{info['nonempty_paths']}, objective {info['objective_before']:.1f} -> "
+            f"{info['objective_per_sweep']}, changed {info['changed_paths']:.3f}", flush=True)
+    logging.info("dr: M-step %d done after E-step %d (%.1fs scoring, %.1fs coordinate descent)",
+                 msteps, phase, info["score_seconds"], info["cd_seconds"])
+    paths = structure_net.path_codes(new, width=config.width, depth=config.depth)
+    return state, {"paths": paths.astype(np.int32), "msteps": np.asarray(msteps, np.int32)}
+
   base_key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(b"dr") & 0x7FFFFFFF)
-
-  ts, paths, msteps = state["train"], np.asarray(state["paths"]), int(state["msteps"])
-  start_step = int(ts.step)
-  paths_j = jnp.asarray(paths)
-  t0 = time.perf_counter()
-  history_losses, pending, mstep_infos = [], [], []
-
-  def save(force=False):
-    if ckpt is not None:
-      g = int(ts.step)
-      ckpt.save(g + msteps, {"train": ts, "paths": paths, "msteps": np.asarray(msteps, np.int32)},
-                force=force)
-
-  def flush():
-    vals = np.asarray(jax.device_get(pending), np.float32)  # [n, 3]
-    if not np.all(np.isfinite(vals)):
-      raise FloatingPointError(f"dr: non-finite training loss near step {int(ts.step)}; "
-                               "try a lower learning_rate")
-    history_losses.extend(vals.tolist())
-    pending.clear()
-
-  while True:
-    g = int(ts.step)
-    end = (msteps + 1) * steps_per_estep
-    if g < end:  # E-step
-      batch = experiment.batch_for_step(fc, ds, samples, g, steps_per_epoch, 1)
-      ts, out = jit_step(ts, batch, paths_j, base_key)
-      pending.append(out)
-      g += 1
-      if len(pending) >= config.log_every or g == end:
-        flush()
-        if verbose:
-          print(f"dr: E-step {msteps} step {g}/{(config.em_rounds + 1) * steps_per_estep} "
-                f"loss {history_losses[-1][0]:.4f} (structure {history_losses[-1][1]:.4f})",
-                flush=True)
-      if g % config.checkpoint_every == 0 or g == end:
-        save(force=g == end)
-      if stop_after_step and g == stop_after_step:
-        if ckpt is not None:
-          ckpt.close()
-        raise SimulatedCrash(f"dr: simulated crash after step {g}")
-    elif msteps < config.em_rounds:  # M-step
-      current = dr_model.path_ids(paths.astype(np.int64), width=config.width)
-      new, info = m_step(graphdef, ts.params, ds, samples, current, config,
-                         history_len=history_len)
-      paths = dr_model.path_codes(new, width=config.width, depth=config.depth).astype(np.int32)
-      paths_j = jnp.asarray(paths)
-      msteps += 1
-      mstep_infos.append(info)
-      if verbose:
-        print(f"dr: M-step {msteps}: max path {info['max_path_size']}, non-empty "
-              f"{info['nonempty_paths']}, objective {info['objective_before']:.1f} -> "
-              f"{info['objective_per_sweep']}, changed {info['changed_paths']:.3f}", flush=True)
-      save(force=True)
-    else:
-      break
-  jax.block_until_ready(ts)
-  seconds = time.perf_counter() - t0
-  if ckpt is not None:
-    ckpt.close()
-  losses_arr = np.asarray(history_losses, np.float32).reshape(-1, 3)
-  info = {"steps": int(ts.step), "steps_run": int(ts.step) - start_step,
-          "steps_per_estep": int(steps_per_estep), "msteps": msteps,
-          "resumed_from_checkpoint": resumed_from, "seconds": float(seconds),
+  out = training.fit(
+      training.loss_step(make_loss_fn(graphdef, config, num_items=ds.num_items), optimizer,
+                         has_aux=True),
+      training.init_state(params, optimizer), batches, total_steps=total_steps,
+      base_key=base_key, checkpointer=ckpt, mesh=mesh, checkpoint_every=config.checkpoint_every,
+      log_every=config.log_every, crash_after=stop_after_step, name="dr", progress=verbose,
+      phase_steps=steps_per_estep, between=between, carry=carry,
+      make_aux=lambda c: np.asarray(c["paths"], np.int32))
+  names = ("loss", "structure", "softmax")
+  losses_arr = (np.stack([out.metrics[k] for k in names], axis=1).astype(np.float32)
+                if out.steps_run else np.zeros((0, len(names)), np.float32))
+  info = {"steps": out.steps, "steps_run": out.steps_run,
+          "steps_per_estep": int(steps_per_estep), "msteps": int(out.carry["msteps"]),
+          "resumed_from_checkpoint": out.resumed_from, "seconds": out.seconds,
           "losses": losses_arr, "msteps_run": mstep_infos}
-  return DRModel(graphdef=graphdef, params=ts.params, paths=paths, config=config, info=info)
+  return DRModel(graphdef=graphdef, params=jax.tree.map(jnp.asarray, out.state.params),
+                 paths=np.asarray(out.carry["paths"], np.int32), config=config, info=info)
 
 
 def run_dr(ds, ev, config: DRConfig, *, topk: int, seed: int, history_len: int,
            batch_size: int, max_train_samples: int, workdir: str | None,
-           stop_after_step: int = 0, verbose: bool = False) -> tuple[np.ndarray, float, dict]:
-  """Trains DR on `ds` and retrieves `topk` items for the users of `ev` (`ev.history`).
+           stop_after_step: int = 0, verbose: bool = False, mesh: Mesh | None = None
+           ) -> tuple[np.ndarray, float, dict]:
+  """Trains DR on `ds` and retrieves `topk` items for the users of `ev` (`ev.history`), both
+  data-parallel over `mesh` (default: all devices).
 
   Returns:
     (retrieved int32[U, topk] (-1 where a user had fewer candidates), train_seconds (this
     call's training, M-steps included), settings: JSON-able -- the DRConfig, steps, final
     losses, path statistics of the final paths, candidates per user, M-step diagnostics).
   """
+  mesh = mesh or parallel.make_mesh()
   model = fit(ds, config, seed=seed, history_len=history_len, batch_size=batch_size,
               max_train_samples=max_train_samples, workdir=workdir,
-              stop_after_step=stop_after_step, verbose=verbose)
+              stop_after_step=stop_after_step, verbose=verbose, mesh=mesh)
   t0 = time.perf_counter()
-  retrieved, n_cand = retrieve(model, ev.history, topk=topk)
+  retrieved, n_cand = retrieve(model, ev.history, topk=topk, mesh=mesh)
   retrieve_seconds = time.perf_counter() - t0
   info = model.info
   last = info["losses"][-1] if len(info["losses"]) else [np.nan] * 3

@@ -110,7 +110,31 @@ def probe_sasrec(data_dir):
           "sharded": _batch_sharding(ds, mesh, stream=23)}
 
 
+def probe_dr(data_dir):
+  """Deep Retrieval: two E-steps of 3 steps around one M-step (`deep_retrieval.fit`), then a
+  sharded path beam search + reranking for 32 users."""
+  from tdr_jax import deep_retrieval
+  cfg = experiment.make_config("smoke", data_dir=data_dir)
+  ds, _ = experiment.load_data(cfg)
+  ev = experiment.evaluation_set(cfg, ds)
+  mesh = parallel.make_mesh()
+  run = dict(seed=0, batch_size=32, history_len=6, max_train_samples=800)  # the smoke run's
+  config = deep_retrieval.dr_config("smoke", epochs_per_estep=0.12, em_rounds=1, log_every=1)
+  model = deep_retrieval.fit(ds, config, mesh=mesh, **run)
+  items, _ = deep_retrieval.retrieve(model, np.asarray(ev.history)[:32], topk=10, batch_size=32,
+                                     mesh=mesh)
+  samples = batches_lib.training_samples(ds, max_train_samples=run["max_train_samples"],
+                                         seed=run["seed"])
+  batch = batches_lib.batch_for_step(ds, samples, 0, steps_per_epoch=25,
+                                     batch_size=run["batch_size"],
+                                     history_len=run["history_len"], seed=run["seed"])
+  assert model.info["msteps"] == 1 and model.info["steps"] == 6, model.info
+  return {"losses": model.info["losses"][:, 0].tolist(), "items": items.tolist(),
+          "sharded": str(jax.device_put(batch, parallel.data_sharded(mesh)).history.sharding)}
+
+
 PROBES = {
+    "dr": probe_dr,
     "tdr_top_down": lambda d: probe_tree(d, "top_down"),
     "tdr_uniform": lambda d: probe_tree(d, "uniform"),
     "din": probe_din,

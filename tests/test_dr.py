@@ -1,5 +1,6 @@
-"""Deep Retrieval (tdr_jax.dr, tdr_jax.models.dr): path probabilities, path beam search, the
-multi-path objective, the M-step (scores, Algorithm 2), and run_dr end to end with resume."""
+"""Deep Retrieval (tdr_jax.deep_retrieval, tdr_jax.models.structure_net): path probabilities,
+path beam search, the multi-path objective, the M-step (scores, Algorithm 2), and run_dr end to
+end with resume."""
 
 import json
 import math
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdr_jax import dr, experiment, metrics, train
-from tdr_jax.models import dr as dr_model
+from tdr_jax import deep_retrieval as dr
+from tdr_jax import experiment, metrics, train
+from tdr_jax.models import structure_net as dr_model
 
 # ---- structure network on a tiny structure (K=3, D=3) ---------------------------------------
 
@@ -252,8 +254,8 @@ def smoke(tmp_path_factory):
                                synthetic_world="v1")
   ds, _ = experiment.load_data(cfg)
   ev = experiment.evaluation_set(cfg, ds)
-  run = dict(topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len,
-             batch_size=cfg.batch_size, max_train_samples=cfg.max_train_samples)
+  run = dict(topk=max(cfg.eval.topk), seed=cfg.seed, history_len=cfg.data.history_len,
+             batch_size=cfg.train.batch_size, max_train_samples=cfg.data.max_train_samples)
   return cfg, ds, ev, run
 
 
