@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from tdr_jax import beam_search as bs
 from tdr_jax import tree as tree_lib
-from tdr_jax.plt import binary_cross_entropy
+from tdr_jax.label_tree import binary_cross_entropy
 from tdr_jax.scorer import ScoreFn
 
 

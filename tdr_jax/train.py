@@ -17,7 +17,7 @@ Levels 1..H are trained (the root is trivial):
 * OTM (`loss="otm"`, `tdr_jax.otm`): binary cross-entropy against beam-search-aware pseudo
   targets over the nodes a beam search of size `beam_size` (current model, no gradient) scores
   at each level, plus the positive's ancestor there.
-* PLT (`loss="plt"`, `tdr_jax.plt`): binary cross-entropy of the per-node conditional
+* PLT (`loss="plt"`, `tdr_jax.label_tree`): binary cross-entropy of the per-node conditional
   classifiers over the positive's path nodes (target 1) and their siblings (target 0). Retrieve
   with `beam_search(..., path_scores=True)`.
 """
@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tdr_jax import losses, otm, plt, sampling
+from tdr_jax import label_tree, losses, otm, sampling
+from tdr_jax import tree as tree_lib
 from tdr_jax.data.batches import Batch
 from tdr_jax.training import TrainState, init_state
-from tdr_jax import tree as tree_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +79,11 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
   def tree_level_losses(params, batch: Batch, tree: tree_lib.Tree, paths: jax.Array):
     """OTM / PLT losses float32[H, B] (no sampled negatives, so no key or level index)."""
     # [B, H, Bt]: the children of the positive's path nodes (path node + siblings per level).
-    kids, kids_mask = jax.vmap(lambda p: plt.path_children(tree, p))(paths)
+    kids, kids_mask = jax.vmap(lambda p: label_tree.path_children(tree, p))(paths)
     if config.loss == "plt":
       logits = jnp.stack([score_fn(params, tree, batch.history, kids[:, j - 1], level=j)
                           for j in range(1, height + 1)], axis=1)  # [B, H, Bt]
-      per_sample = jax.vmap(plt.plt_loss)(logits.astype(jnp.float32), kids, kids_mask, paths,
+      per_sample = jax.vmap(label_tree.plt_loss)(logits.astype(jnp.float32), kids, kids_mask, paths,
                                           batch.weight)  # [B, H]
       return per_sample.T  # [B, H] -> [H, B], levels first like the other losses
     cands = otm.beam_candidates(score_fn, params, tree, batch.history, beam_size=config.beam_size)

@@ -30,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from tdr_jax import parallel
 from tdr_jax.data.batches import Batch
@@ -137,7 +138,6 @@ class _Progress:
   """A tqdm bar on a terminal; plain lines every ~10% elsewhere (CI, redirected output)."""
 
   def __init__(self, name: str, total: int, start: int, every: int, enabled: bool):
-    from tqdm import tqdm
     self.enabled = enabled
     self.bar = tqdm(total=total, initial=start, desc=name, unit="step", mininterval=2.0,
                     disable=None if enabled else True)
@@ -189,6 +189,24 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
   Returns:
     FitResult (`metrics` holds the per-step values of this call's steps, e.g. "loss").
   """
+
+  args = dict(total_steps=total_steps, base_key=base_key, aux=aux, checkpointer=checkpointer,
+              mesh=mesh, checkpoint_every=checkpoint_every, log_every=log_every,
+              crash_after=crash_after, name=name, progress=progress, phase_steps=phase_steps,
+              between=between, carry=carry, make_aux=make_aux)
+  try:
+    return _fit(step_fn, state, batches, **args)
+  finally:  # also on errors and SimulatedCrash: waits for pending saves
+    if checkpointer is not None:
+      checkpointer.close()
+
+
+def _fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_steps: int,
+        base_key: jax.Array, aux: Any = None, checkpointer: Checkpointer | None = None,
+        mesh: Mesh | None = None, checkpoint_every: int = 500, log_every: int = 50,
+        crash_after: int = 0, name: str = "train", progress: bool = False,
+        phase_steps: int | None = None, between: Callable | None = None, carry: Any = None,
+        make_aux: Callable | None = None) -> FitResult:
   mesh = mesh or parallel.make_mesh()
   phased = between is not None and phase_steps
   if checkpointer is not None and checkpointer.manager.latest_step() is not None:
@@ -199,7 +217,6 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
     phases_done = int(items["carry"]["phases"])
     resumed_from = int(state.step)
     if resumed_from > total_steps:
-      checkpointer.close()
       raise InputError(f"checkpoint {checkpointer.dir} is at step {resumed_from}, beyond the "
                        f"{total_steps} steps of this run; use another workdir")
     logging.info("%s: resuming from checkpoint step %d of %d (%s)", name, resumed_from,
@@ -264,15 +281,11 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
     if done % checkpoint_every == 0 or last or phase_end:
       save(done, force=last or phase_end)
     if crash_after and done == crash_after and not last:
-      if checkpointer is not None:
-        checkpointer.close()
       bar.close()
       raise SimulatedCrash(f"{name}: simulated crash after step {done}")
   state = jax.block_until_ready(state)
   seconds = time.perf_counter() - t0
   bar.close()
-  if checkpointer is not None:
-    checkpointer.close()
   metrics = {k: np.stack(v) for k, v in history.items()}
   return FitResult(jax.device_get(state), carry, int(total_steps), int(total_steps - start),
                    resumed_from, float(seconds), metrics)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 
 from tdr_jax import experiment, parallel, sampling, train, training
+from tdr_jax.methods import tree_family
+from tdr_jax import evaluation
 from tdr_jax import tree as tree_lib
 from tdr_jax.data import batches as batches_lib
 from tdr_jax.baselines import din_brute, youtube_dnn
@@ -26,20 +28,20 @@ def probe_tree(data_dir, sampler):
   cfg = experiment.make_config("smoke", data_dir=data_dir, sampler=sampler)
   ds, _ = experiment.load_data(cfg)
   tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
-  score_fn, params = experiment.build_model(cfg, tree)
+  score_fn, params = tree_family.build_model(cfg, tree)
   mesh = parallel.make_mesh()
   opt = train.make_optimizer()
   step = train.make_train_step(
-      score_fn, opt, train.StepConfig(sampler=sampler, num_negatives=cfg.num_negatives,
-                                      full_softmax_nodes=cfg.full_softmax_nodes),
+      score_fn, opt, train.StepConfig(sampler=sampler, num_negatives=cfg.train.num_negatives,
+                                      full_softmax_nodes=cfg.train.full_softmax_nodes),
       branching=2, height=tree.height)
-  samples = batches_lib.training_samples(ds, max_train_samples=cfg.max_train_samples,
+  samples = batches_lib.training_samples(ds, max_train_samples=cfg.data.max_train_samples,
                                          seed=cfg.seed)
   seen = []
 
   def batches(s):
     b = batches_lib.batch_for_step(ds, samples, s, steps_per_epoch=100,
-                                   batch_size=cfg.batch_size, history_len=cfg.history_len,
+                                   batch_size=cfg.train.batch_size, history_len=cfg.data.history_len,
                                    seed=cfg.seed, levels=tree.height)
     seen.append(jax.device_put(b, parallel.data_sharded(mesh)))
     return b
@@ -49,7 +51,7 @@ def probe_tree(data_dir, sampler):
                      base_key=jax.random.key(0), aux=(tree, sampling.level_index(tree)),
                      mesh=mesh, log_every=1)
   ev = experiment.evaluation_set(cfg, ds)
-  items = experiment.retrieve(score_fn, out.state.params, tree, ev.history[:32], beam_size=20,
+  items = evaluation.retrieve(score_fn, out.state.params, tree, ev.history[:32], beam_size=20,
                               topk=10, batch_size=32, mesh=mesh)
   return {"losses": out.metrics["loss"].tolist(), "items": items.tolist(),
           "sharded": str(seen[0].history.sharding)}

@@ -138,8 +138,8 @@ def smoke(tmp_path_factory):
 
 
 def _shared(cfg, epochs=4.0):
-  return dict(topk=max(cfg.topk), seed=cfg.seed, history_len=cfg.history_len, epochs=epochs,
-              batch_size=cfg.batch_size, max_train_samples=cfg.max_train_samples)
+  return dict(topk=max(cfg.eval.topk), seed=cfg.seed, history_len=cfg.data.history_len, epochs=epochs,
+              batch_size=cfg.train.batch_size, max_train_samples=cfg.data.max_train_samples)
 
 
 def _recall20(retrieved, ev, ds):
@@ -157,10 +157,10 @@ def youtube_run(smoke, tmp_path_factory):
 @pytest.fixture(scope="module")
 def din_run(smoke, tmp_path_factory):
   cfg, ds, ev = smoke
-  model = din_brute.fit(ds, seed=cfg.seed, epochs=4.0, batch_size=cfg.batch_size,
-                        history_len=cfg.history_len, max_train_samples=cfg.max_train_samples,
-                        windows=cfg.windows, attention_hidden=cfg.attention_hidden,
-                        mlp_hidden=cfg.mlp_hidden, num_negatives=50)
+  model = din_brute.fit(ds, seed=cfg.seed, epochs=4.0, batch_size=cfg.train.batch_size,
+                        history_len=cfg.data.history_len, max_train_samples=cfg.data.max_train_samples,
+                        windows=cfg.model.windows, attention_hidden=cfg.model.attention_hidden,
+                        mlp_hidden=cfg.model.mlp_hidden, num_negatives=50)
   return model, din_brute.retrieve(model, ev, topk=20, batch_size=16)
 
 
@@ -205,8 +205,8 @@ def test_youtube_dnn_resume_restores_finished_run(smoke, youtube_run):
 
 def test_youtube_dnn_loss_decreases_and_tower_masks_padding(smoke):
   cfg, ds, ev = smoke
-  model = youtube_dnn.fit(ds, seed=1, epochs=3.0, batch_size=cfg.batch_size,
-                          history_len=cfg.history_len, max_train_samples=cfg.max_train_samples,
+  model = youtube_dnn.fit(ds, seed=1, epochs=3.0, batch_size=cfg.train.batch_size,
+                          history_len=cfg.data.history_len, max_train_samples=cfg.data.max_train_samples,
                           num_negatives=200, learning_rate=3e-3, log_every=10)
   losses = model.info["losses"]
   assert len(losses) == 75
@@ -263,18 +263,18 @@ def test_din_brute_force_trains_and_retrieves(smoke, din_run):
 def test_run_baseline_din_and_argument_checks(smoke, tmp_path):
   cfg, ds, ev = smoke
   retrieved, seconds, settings = run_baseline(
-      "din", ds, ev, workdir=str(tmp_path), windows=cfg.windows,
-      attention_hidden=cfg.attention_hidden, mlp_hidden=cfg.mlp_hidden, num_negatives=20,
-      batch_size_eval=32, **dict(_shared(cfg, epochs=0.2), topk=cfg.topk))
-  _assert_valid_lists(retrieved, ev.num_users, max(cfg.topk), ds.num_items)
-  assert settings["windows"] == list(cfg.windows) and settings["steps"] == 5
+      "din", ds, ev, workdir=str(tmp_path), windows=cfg.model.windows,
+      attention_hidden=cfg.model.attention_hidden, mlp_hidden=cfg.model.mlp_hidden, num_negatives=20,
+      batch_size_eval=32, **dict(_shared(cfg, epochs=0.2), topk=cfg.eval.topk))
+  _assert_valid_lists(retrieved, ev.num_users, max(cfg.eval.topk), ds.num_items)
+  assert settings["windows"] == list(cfg.model.windows) and settings["steps"] == 5
   json.dumps(settings)
   with pytest.raises(ValueError, match="unknown baseline"):
     run_baseline("tdm", ds, ev, **_shared(cfg))
   with pytest.raises(TypeError, match="unknown option"):
     run_baseline("itemcf", ds, ev, num_negatives=3, **_shared(cfg))
   with pytest.raises(ValueError, match="history_len"):
-    run_baseline("itemcf", ds, ev, **dict(_shared(cfg), history_len=cfg.history_len + 1))
+    run_baseline("itemcf", ds, ev, **dict(_shared(cfg), history_len=cfg.data.history_len + 1))
 
 
 def test_default_windows():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tdr_jax import beam_search as bs
-from tdr_jax import otm, plt, sampling, train
+from tdr_jax import label_tree as plt
+from tdr_jax import otm, sampling, train
 from tdr_jax import tree as tree_lib
 from tdr_jax.models import din as din_lib
 

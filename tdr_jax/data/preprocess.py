@@ -27,6 +27,8 @@ first interaction is never a target because its history would be empty.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import time
 from typing import Any
 
@@ -410,8 +412,6 @@ def preprocess(
 
 def preprocess_settings(**settings: Any) -> dict:
   """Settings with defaults filled in (used for cache keys)."""
-  import inspect
-
   sig = inspect.signature(preprocess)
   out = {
       k: p.default for k, p in sig.parameters.items() if p.kind == inspect.Parameter.KEYWORD_ONLY
@@ -439,8 +439,6 @@ def training_samples(ds: Dataset, *, max_train_samples: int = 0, seed: int = 0) 
 def corpus_fingerprint(ds: Dataset) -> str:
   """Short hash of the corpus (sizes, sequences, split): checkpoints record it and refuse to
   resume on another corpus."""
-  import hashlib
-
   h = hashlib.sha256()
   h.update(np.asarray([ds.num_users, ds.num_items], np.int64).tobytes())
   h.update(np.ascontiguousarray(ds.seq_items).tobytes())

@@ -50,6 +50,8 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,8 +380,6 @@ def write_csv(path: str, inter: dict[str, np.ndarray], observed_category: np.nda
               ) -> None:
   """Writes the generic csv format: header `user,item,timestamp[,category]` (no category
   column when `observed_category` is None)."""
-  import pyarrow as pa
-  import pyarrow.csv as pacsv
   columns = {
       "user": pa.array(inter["user"]).cast(pa.string()),
       "item": pa.array(inter["item"]).cast(pa.string()),

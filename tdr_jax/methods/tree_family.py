@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tdr_jax import forest as forest_lib
-from tdr_jax import plt as plt_lib
+from tdr_jax import label_tree
 from tdr_jax import rectification, sampling, scorer, train, training, tree_learning, warm_start
 from tdr_jax import tree as tree_lib
 from tdr_jax.config import Config
@@ -294,7 +294,7 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
     # The discriminator ranks candidates by what the method's beam search ranks leaves by.
     disc_fn = score_fn
     if cfg.train.loss == "plt":
-      disc_fn = plt_lib.path_score_fn(score_fn)
+      disc_fn = label_tree.path_score_fn(score_fn)
     for r in range(1, len(models) + 1):
       cand = forest_lib.union_candidates(per_tree[:r])
       disc_tree, disc_params = models[r - 1]
