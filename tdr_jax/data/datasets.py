@@ -48,15 +48,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from absl import logging as _log
 
 from tdr_jax.data.loaders import LOADERS, load_interactions
 from tdr_jax.data.preprocess import UNKNOWN_CATEGORY, Dataset, preprocess, preprocess_settings
 from tdr_jax.errors import InputError, MissingFileError, UnknownNameError
-
-try:  # absl is a project dependency; fall back to stdlib logging
-  from absl import logging as _log
-except ImportError:  # pragma: no cover
-  import logging as _log
 
 __all__ = ["DATASETS", "DatasetSpec", "load_dataset", "cache_key", "save_dataset", "load_cached",
            "parse_loader_options", "summary", "describe", "check_usable"]
