@@ -16,6 +16,7 @@ step from a loss function and an optax optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,103 +190,88 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
   Returns:
     FitResult (`metrics` holds the per-step values of this call's steps, e.g. "loss").
   """
+  with contextlib.ExitStack() as cleanup:  # on every exit, SimulatedCrash and errors too:
+    if checkpointer is not None:              # wait for pending saves, close the manager
+      cleanup.callback(checkpointer.close)
+    mesh = mesh or parallel.make_mesh()
+    phased = between is not None and phase_steps
+    if checkpointer is not None and checkpointer.manager.latest_step() is not None:
+      latest = checkpointer.latest_step()
+      items = checkpointer.restore(latest, {"state": state, "carry": {
+          "carry": carry, "phases": np.zeros((), np.int32)}})
+      state, carry = items["state"], items["carry"]["carry"]
+      phases_done = int(items["carry"]["phases"])
+      resumed_from = int(state.step)
+      if resumed_from > total_steps:
+        raise InputError(f"checkpoint {checkpointer.dir} is at step {resumed_from}, beyond the "
+                         f"{total_steps} steps of this run; use another workdir")
+      logging.info("%s: resuming from checkpoint step %d of %d (%s)", name, resumed_from,
+                   total_steps, checkpointer.dir)
+      if progress:
+        print(f"Resuming from checkpoint at step {resumed_from} of {total_steps}", flush=True)
+    else:
+      resumed_from, phases_done = None, 0
+    start = int(state.step)
+    jit_step = jax.jit(step_fn, donate_argnums=0)
+    data_sharding = parallel.data_sharded(mesh)
+    state = parallel.replicate(state, mesh)
+    aux_dev = parallel.replicate(make_aux(carry) if make_aux else aux, mesh)
 
-  args = dict(total_steps=total_steps, base_key=base_key, aux=aux, checkpointer=checkpointer,
-              mesh=mesh, checkpoint_every=checkpoint_every, log_every=log_every,
-              crash_after=crash_after, name=name, progress=progress, phase_steps=phase_steps,
-              between=between, carry=carry, make_aux=make_aux)
-  try:
-    return _fit(step_fn, state, batches, **args)
-  finally:  # also on errors and SimulatedCrash: waits for pending saves
-    if checkpointer is not None:
-      checkpointer.close()
+    def save(step: int, force: bool) -> None:
+      if checkpointer is not None:
+        checkpointer.save(step + phases_done, {"state": state, "carry": {
+            "carry": carry, "phases": np.asarray(phases_done, np.int32)}}, force=force)
 
+    bar = _Progress(name, total_steps, start, log_every, progress)
+    history: dict[str, list] = {}
+    pending: list = []
 
-def _fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_steps: int,
-        base_key: jax.Array, aux: Any = None, checkpointer: Checkpointer | None = None,
-        mesh: Mesh | None = None, checkpoint_every: int = 500, log_every: int = 50,
-        crash_after: int = 0, name: str = "train", progress: bool = False,
-        phase_steps: int | None = None, between: Callable | None = None, carry: Any = None,
-        make_aux: Callable | None = None) -> FitResult:
-  mesh = mesh or parallel.make_mesh()
-  phased = between is not None and phase_steps
-  if checkpointer is not None and checkpointer.manager.latest_step() is not None:
-    latest = checkpointer.latest_step()
-    items = checkpointer.restore(latest, {"state": state, "carry": {
-        "carry": carry, "phases": np.zeros((), np.int32)}})
-    state, carry = items["state"], items["carry"]["carry"]
-    phases_done = int(items["carry"]["phases"])
-    resumed_from = int(state.step)
-    if resumed_from > total_steps:
-      raise InputError(f"checkpoint {checkpointer.dir} is at step {resumed_from}, beyond the "
-                       f"{total_steps} steps of this run; use another workdir")
-    logging.info("%s: resuming from checkpoint step %d of %d (%s)", name, resumed_from,
-                 total_steps, checkpointer.dir)
-    if progress:
-      print(f"Resuming from checkpoint at step {resumed_from} of {total_steps}", flush=True)
-  else:
-    resumed_from, phases_done = None, 0
-  start = int(state.step)
-  jit_step = jax.jit(step_fn, donate_argnums=0)
-  data_sharding = parallel.data_sharded(mesh)
-  state = parallel.replicate(state, mesh)
-  aux_dev = parallel.replicate(make_aux(carry) if make_aux else aux, mesh)
+    def flush(step: int) -> float:
+      got = jax.device_get([m for m in pending])
+      for i, m in enumerate(got):
+        v = float(m["loss"])
+        if not np.isfinite(v):
+          raise FloatingPointError(f"{name}: non-finite training loss {v} at step "
+                                   f"{step - len(got) + i + 1}; stopping (try a lower learning "
+                                   f"rate)")
+        for k, x in m.items():
+          history.setdefault(k, []).append(np.asarray(x, np.float32))
+      pending.clear()
+      return float(got[-1]["loss"])
 
-  def save(step: int, force: bool) -> None:
-    if checkpointer is not None:
-      checkpointer.save(step + phases_done, {"state": state, "carry": {
-          "carry": carry, "phases": np.asarray(phases_done, np.int32)}}, force=force)
-
-  bar = _Progress(name, total_steps, start, log_every, progress)
-  history: dict[str, list] = {}
-  pending: list = []
-
-  def flush(step: int) -> float:
-    got = jax.device_get([m for m in pending])
-    for i, m in enumerate(got):
-      v = float(m["loss"])
-      if not np.isfinite(v):
-        raise FloatingPointError(f"{name}: non-finite training loss {v} at step "
-                                 f"{step - len(got) + i + 1}; stopping (try a lower learning "
-                                 f"rate)")
-      for k, x in m.items():
-        history.setdefault(k, []).append(np.asarray(x, np.float32))
-    pending.clear()
-    return float(got[-1]["loss"])
-
-  t0 = time.perf_counter()
-  done_since_log = 0
-  for step in range(start, total_steps):
-    if phased and step >= (phases_done + 1) * phase_steps:
-      state, carry = between(phases_done, jax.device_get(state), carry)
-      phases_done += 1
-      state = parallel.replicate(state, mesh)
-      if make_aux:
-        aux_dev = parallel.replicate(make_aux(carry), mesh)
-      save(step, force=True)
-    batch = batches(step)
-    if step == start:
-      bar.batch_size = len(batch.mask)
-      parallel.check_divisible(bar.batch_size, mesh)
-    batch = jax.device_put(batch, data_sharding)
-    state, m = jit_step(state, batch, aux_dev, base_key)
-    pending.append(m)
-    done_since_log += 1
-    done = step + 1
-    last = done == total_steps
-    if len(pending) >= log_every or last:
-      loss = flush(done)
-      bar.update(done, done_since_log, loss, last)
-      done_since_log = 0
-    phase_end = phased and done % phase_steps == 0
-    if done % checkpoint_every == 0 or last or phase_end:
-      save(done, force=last or phase_end)
-    if crash_after and done == crash_after and not last:
-      bar.close()
-      raise SimulatedCrash(f"{name}: simulated crash after step {done}")
-  state = jax.block_until_ready(state)
-  seconds = time.perf_counter() - t0
-  bar.close()
-  metrics = {k: np.stack(v) for k, v in history.items()}
-  return FitResult(jax.device_get(state), carry, int(total_steps), int(total_steps - start),
-                   resumed_from, float(seconds), metrics)
+    t0 = time.perf_counter()
+    done_since_log = 0
+    for step in range(start, total_steps):
+      if phased and step >= (phases_done + 1) * phase_steps:
+        state, carry = between(phases_done, jax.device_get(state), carry)
+        phases_done += 1
+        state = parallel.replicate(state, mesh)
+        if make_aux:
+          aux_dev = parallel.replicate(make_aux(carry), mesh)
+        save(step, force=True)
+      batch = batches(step)
+      if step == start:
+        bar.batch_size = len(batch.mask)
+        parallel.check_divisible(bar.batch_size, mesh)
+      batch = jax.device_put(batch, data_sharding)
+      state, m = jit_step(state, batch, aux_dev, base_key)
+      pending.append(m)
+      done_since_log += 1
+      done = step + 1
+      last = done == total_steps
+      if len(pending) >= log_every or last:
+        loss = flush(done)
+        bar.update(done, done_since_log, loss, last)
+        done_since_log = 0
+      phase_end = phased and done % phase_steps == 0
+      if done % checkpoint_every == 0 or last or phase_end:
+        save(done, force=last or phase_end)
+      if crash_after and done == crash_after and not last:
+        bar.close()
+        raise SimulatedCrash(f"{name}: simulated crash after step {done}")
+    state = jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    metrics = {k: np.stack(v) for k, v in history.items()}
+    return FitResult(jax.device_get(state), carry, int(total_steps), int(total_steps - start),
+                     resumed_from, float(seconds), metrics)

@@ -1,6 +1,7 @@
 """Data parallelism: every method family trains and retrieves on 4 simulated CPU devices with
 the same result as on 1 (tests/sharding_probe.py runs each in a subprocess)."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -27,8 +28,9 @@ def _probe(data_dir, devices, family):
 
 @pytest.mark.parametrize("family", sorted(sharding_probe.PROBES))
 def test_four_devices_match_one(tmp_path, family):
-  one = _probe(str(tmp_path), 1, family)
-  four = _probe(str(tmp_path), 4, family)
+  # Both processes at once (each is mostly single-threaded imports and compilation).
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    one, four = pool.map(lambda n: _probe(str(tmp_path / f"d{n}"), n, family), (1, 4))
   assert one["devices"] == 1 and four["devices"] == 4
   assert "data" in four["sharded"]
   np.testing.assert_allclose(four["losses"], one["losses"], rtol=2e-5)
