@@ -103,6 +103,10 @@ class TreeConfig:
                              "the control).", choices=("tdr", "jtm", "tdm", "none"))
   tree_gap: int = field(7, "Layer gap d of tree learning (paper: 7).")
   tree_users_per_item: int = field(20, "Cap on the samples per item in tree learning.")
+  tree_path_levels: bool | None = field(None, "Score a candidate node by the sum over every "
+                                        "level of the gap (JTM Algorithm 2) instead of the "
+                                        "gap's last level (TDR Eq. 24); unset: on for "
+                                        "--tree_learning=jtm, off for tdr.")
   tree_assignment: str = field("priced", "Capacity rule of tree learning: the paper's greedy "
                                "pass on the matching scores, or the same pass on scores minus "
                                "Sinkhorn capacity prices.", choices=("greedy", "priced"))

@@ -394,3 +394,31 @@ def test_category_purity():
   assert tl.category_purity(swapped, cat, level=2, items=~moved) == 1.0
   assert tl.category_purity(swapped, cat, level=2) == 14 / 16
   assert np.isnan(tl.category_purity(swapped, cat, items=np.zeros(n, bool)))
+
+
+def test_path_levels_sum_over_the_gap_by_hand():
+  """JTM Algorithm 2 sums the binary log-likelihood over the levels of the gap: a leaf under a
+  strongly preferred level-1 node wins over a slightly better leaf under a rejected one."""
+  tree = tree_lib.from_leaf_order(np.arange(4), branching=2)  # leaves = nodes 3, 4, 5, 6
+  table = np.full((1, 7), -10.0, np.float32)
+  table[0, 1], table[0, 2] = 5.0, -5.0  # level 1: node 1 preferred
+  table[0, 3], table[0, 5] = 0.0, 0.5  # leaves: node 5 slightly better than node 3
+  hist, items = pairs_from_users([[0], [], [], []])
+  last = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=2,
+                           matching="binary", assignment="greedy")
+  summed = tl.learn_tree_tdr(table_score_fn, jnp.asarray(table), tree, hist, items, gap=2,
+                             matching="binary", assignment="greedy", path_levels=True)
+  # last level only: log sig(0) = -0.69 (node 3) < log sig(0.5) = -0.47 (node 5);
+  # summed: -0.01 - 0.69 = -0.70 (node 3) > -5.01 - 0.47 = -5.48 (node 5).
+  assert last.item_to_leaf[0] == 2 and summed.item_to_leaf[0] == 0
+
+
+def test_jtm_learns_trees_with_the_per_level_sum():
+  cfg = experiment.make_config("smoke")
+  assert tree_family.tree_learning_options(cfg)["path_levels"] is False
+  jtm = cfg.replace(**tree_family.METHODS["jtm"].settings)
+  assert tree_family.tree_learning_options(jtm) == {
+      "gap": cfg.tree.tree_gap, "matching": "binary", "path_levels": True,
+      "assignment": cfg.tree.tree_assignment}
+  assert tree_family.tree_learning_options(jtm.replace(tree_path_levels=False))[
+      "path_levels"] is False

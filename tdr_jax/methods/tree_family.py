@@ -41,6 +41,13 @@ def method_label(cfg: Config) -> str:
   return f"TDR({base}-RL)" if cfg.train.rectify else f"TDR({base})"
 
 
+def otm_training_beam(cfg: Config) -> int:
+  """The beam size of OTM's training beam search: --otm_beam_size when set, else the retrieval
+  --beam_size (OTM's pseudo targets make the search Bayes-optimal only for the beam it trains
+  with)."""
+  return cfg.train.otm_beam_size or cfg.eval.beam_size
+
+
 def build_model(cfg: Config, tree: tree_lib.Tree):
   """The DIN scorer over the nodes of `tree` (seeded by the run): (score_fn, params)."""
   return scorer.init_din(jax.random.key(cfg.seed), tree, embed_dim=cfg.model.embed_dim,
@@ -109,6 +116,17 @@ def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def tree_learning_options(cfg: Config) -> dict:
+  """`tree_learning.learn_tree_tdr`'s options for `--tree_learning` tdr or jtm: TDR's softmax
+  matching on the gap's last level (Eq. 24), or JTM's binary likelihood summed over the
+  levels of the gap (Algorithm 2); `--tree_path_levels` overrides the level rule."""
+  jtm = cfg.tree.tree_learning == "jtm"
+  path_levels = cfg.tree.tree_path_levels
+  return {"gap": cfg.tree.tree_gap, "matching": "binary" if jtm else "softmax",
+          "path_levels": jtm if path_levels is None else bool(path_levels),
+          "assignment": cfg.tree.tree_assignment}
+
+
 def next_tree(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_fn, params,
               round_index: int) -> tuple[tree_lib.Tree, float]:
   """One tree update with the model fixed (TDR sec. 6 / JTM / TDM). Returns (tree, seconds)."""
@@ -125,10 +143,8 @@ def next_tree(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score_f
         targets, ds.num_items, max_users_per_item=cfg.tree.tree_users_per_item,
         seed=cfg.seed * 1000 + round_index)
     hist, _ = train_batch(ds, samples[pair_sample], cfg.data.history_len)
-    new = tree_learning.learn_tree_tdr(
-        score_fn, params, tree, hist.astype(np.int32), pair_item, gap=cfg.tree.tree_gap,
-        matching="binary" if cfg.tree.tree_learning == "jtm" else "softmax",
-        assignment=cfg.tree.tree_assignment)
+    new = tree_learning.learn_tree_tdr(score_fn, params, tree, hist.astype(np.int32),
+                                       pair_item, **tree_learning_options(cfg))
   return new, time.perf_counter() - t0
 
 
@@ -150,11 +166,21 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
   step_cfg = train.StepConfig(
       loss=cfg.train.loss, sampler="uniform" if binary else cfg.train.sampler,
       num_negatives=cfg.train.binary_negatives if binary else cfg.train.num_negatives,
-      full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=cfg.train.otm_beam_size)
+      full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=otm_training_beam(cfg))
   step = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
                                height=tree.height)
   tree_dev = jax.device_put(tree)
   offset = round_index * total_steps
+  identity = {"config_fingerprint": cfg.fingerprint(), "corpus_fingerprint": corpus_fp,
+              "tree_fingerprint": training.fingerprint(np.asarray(tree.item_to_leaf))}
+  phrases = {"config_fingerprint": "another configuration",
+             "corpus_fingerprint": "another corpus",
+             "tree_fingerprint": "another tree (item-to-leaf mapping)"}
+  if cfg.train.loss == "otm":
+    # By default the training beam is the retrieval --beam_size, which the config fingerprint
+    # leaves out (an evaluation setting): the checkpoint records the beam it trained with.
+    identity["otm_training_beam"] = str(otm_training_beam(cfg))
+    phrases["otm_training_beam"] = "another OTM training beam"
 
   def batches(s: int) -> batches_lib.Batch:
     batch = batches_lib.batch_for_step(
@@ -168,12 +194,7 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
 
   ckpt = training.Checkpointer(
       os.path.join(workdir, "checkpoints"),
-      identity={"config_fingerprint": cfg.fingerprint(), "corpus_fingerprint": corpus_fp,
-                "tree_fingerprint": training.fingerprint(np.asarray(tree.item_to_leaf))},
-      phrases={"config_fingerprint": "another configuration",
-               "corpus_fingerprint": "another corpus",
-               "tree_fingerprint": "another tree (item-to-leaf mapping)"},
-      record=cfg.to_json())
+      identity=identity, phrases=phrases, record=cfg.to_json())
   out = training.fit(
       lambda state, batch, aux, key: step(state, batch, aux[0], aux[1], key),
       train.init_state(params, optimizer), batches, total_steps=total_steps,
@@ -281,7 +302,12 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
               "warm_start": warm["info"], "beam_size": cfg.eval.beam_size,
               "tree_rounds": cfg.tree.tree_rounds,
               "tree_learning": cfg.tree.tree_learning, "tree_gap": cfg.tree.tree_gap,
+              "tree_path_levels": tree_learning_options(cfg)["path_levels"],
               "tree_height": tree.height, "test_users": int(len(ev.users))}
+  if cfg.train.loss == "otm":
+    settings["otm_training_beam"] = otm_training_beam(cfg)
+    settings["otm_training_beam_is_retrieval_beam"] = cfg.train.otm_beam_size in (
+        None, cfg.eval.beam_size)
   final = dict(rounds[-1])
   final["method"] = label
   final["train_seconds"] = total_train + (warm["info"] or {}).get("train_seconds", 0.0)
