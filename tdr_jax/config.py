@@ -145,6 +145,10 @@ class DRSection:
                                  "DR preset's).")
   dr_beam_size: int | None = field(None, "Deep Retrieval inference beam (paths).")
   dr_em_rounds: int | None = field(None, "Deep Retrieval M-steps.")
+  dr_init_paths: str | None = field(None, "Deep Retrieval initial paths: random, or kmeans "
+                                    "(hierarchical k-means of the warm-start item vectors; "
+                                    "default: the DR preset's).",
+                                    choices=deep_retrieval.INIT_PATHS)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "tree": TreeConfig,

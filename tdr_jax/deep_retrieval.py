@@ -3,8 +3,10 @@ path beam search, softmax reranking, checkpoints and `run_dr`.
 
 Training (EM)
 -------------
-Paths start random (J distinct paths per item, seeded). The run is one `training.fit` over
-`(em_rounds + 1) * steps_per_estep` steps, cut into phases of `steps_per_estep` steps:
+Paths start random (`init_paths="random"`: J distinct paths per item, seeded) or from
+hierarchical k-means codes of warm-start item vectors (`"kmeans"`, `kmeans_paths`). The run
+is one `training.fit` over `(em_rounds + 1) * steps_per_estep` steps, cut into phases of
+`steps_per_estep` steps:
 
 * E-step (a phase): `epochs_per_estep` epochs of Adam on the batches of
   `data.batches.batch_for_step` (the same data stream as the other methods, continued across
@@ -74,17 +76,19 @@ from tdr_jax import losses, parallel, train, training
 from tdr_jax.data import batches as batches_lib
 from tdr_jax.data.preprocess import corpus_fingerprint, train_batch
 from tdr_jax.errors import InputError
-from tdr_jax.metrics import repeated_in_row
+from tdr_jax.metrics import repeated_in_row, retrieval_metrics
 from tdr_jax.models import structure_net
 from tdr_jax.training import SimulatedCrash
 
-__all__ = ["DRConfig", "PRESETS", "dr_config", "random_paths", "aggregate_path_scores",
+__all__ = ["DRConfig", "PRESETS", "INIT_PATHS", "dr_config", "random_paths", "kmeans_paths",
+           "initial_paths", "expected_nonempty_paths", "aggregate_path_scores",
            "streaming_path_scores", "candidate_lists", "coordinate_descent",
            "penalized_objective", "path_statistics", "score_instances", "m_step", "path_index",
            "retrieve", "fit", "run_dr", "DRModel", "SimulatedCrash"]
 
 _TINY = 1e-30  # floor inside log() of the M-step: a zero score is "very unlikely", not -inf
 _SCORE_CHUNK = 64  # M-step batches of training instances built on the host at a time
+INIT_PATHS = ("random", "kmeans")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,8 @@ class DRConfig:
   eval_batch_size: int = 256
   checkpoint_every: int = 500
   log_every: int = 50
+  init_paths: str = "random"  # initial paths: "random" or "kmeans" (of warm-start vectors)
+  init_kmeans_iters: int = 10  # Lloyd iterations per node of the "kmeans" initial paths
 
   def __post_init__(self):
     if self.width < 2 or self.depth < 1:
@@ -138,6 +144,10 @@ class DRConfig:
       raise InputError("need em_rounds >= 0, cd_iterations >= 1 and epochs_per_estep > 0")
     if self.user_encoder not in structure_net.USER_ENCODERS:
       raise InputError(f"user_encoder={self.user_encoder!r}: choose {structure_net.USER_ENCODERS}")
+    if self.init_paths not in INIT_PATHS:
+      raise InputError(f"init_paths={self.init_paths!r}: choose {INIT_PATHS}")
+    if self.init_kmeans_iters < 1:
+      raise InputError(f"init_kmeans_iters must be >= 1, got {self.init_kmeans_iters}")
     if self.score_mode not in ("sum", "streaming"):
       raise InputError(f"score_mode={self.score_mode!r}: choose 'sum' or 'streaming'")
     if not 0.0 < self.streaming_decay <= 1.0:
@@ -153,14 +163,10 @@ class DRConfig:
     return self.width ** self.depth
 
   def check_corpus(self, num_items: int) -> None:
-    """Raises ValueError when the structure cannot index `num_items` items."""
+    """Raises InputError for an empty corpus. Paths have no capacity in DR (many items may
+    share a path; the penalty alpha f(|c|) only discourages it), so any K^D J is enough."""
     if num_items < 1:
       raise InputError("the corpus has no items")
-    if self.num_structure_paths * self.num_paths < num_items:
-      raise InputError(
-          f"K^D = {self.num_structure_paths} paths x J = {self.num_paths} < {num_items} items: "
-          f"the structure is too small (K^D must be at least N/J = "
-          f"{-(-num_items // self.num_paths)}); raise K or D")
 
 
 # Paper sec. 4.3 for the public data sets. `synthetic`: the project's default synthetic data
@@ -218,6 +224,111 @@ def random_paths(rng: np.random.Generator, *, num_items: int, num_structure_path
     ids[bad] = rng.integers(0, num_structure_paths, (len(bad), num_paths))
 
 
+def _kmeans(rng: np.random.Generator, x: np.ndarray, k: int, iters: int) -> np.ndarray:
+  """Centroids float64[k', E] (k' <= k) of rows x float64[n, E] by k-means++ seeding and
+  `iters` Lloyd iterations (an emptied cluster keeps its centroid). With at most k distinct
+  rows every distinct row is a centroid, in order of first occurrence."""
+  n = len(x)
+  _, first = np.unique(x, axis=0, return_index=True)
+  if len(first) <= k:
+    return x[np.sort(first)]
+  cent = [x[rng.integers(n)]]
+  d2 = np.sum((x - cent[0]) ** 2, axis=1)
+  for _ in range(1, k):
+    total = d2.sum()
+    i = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
+    cent.append(x[i])
+    d2 = np.minimum(d2, np.sum((x - x[i]) ** 2, axis=1))
+  cent = np.stack(cent)
+  for _ in range(iters):
+    label = _sq_dists(x, cent).argmin(axis=1)
+    counts = np.bincount(label, minlength=k)
+    sums = np.zeros_like(cent)
+    np.add.at(sums, label, x)
+    filled = counts > 0
+    new = cent.copy()
+    new[filled] = sums[filled] / counts[filled, None]
+    if np.allclose(new, cent):
+      break
+    cent = new
+  return cent
+
+
+def _sq_dists(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
+  """float64[n, k] squared distances of rows x[n, E] to centroids cent[k, E]."""
+  return (np.sum(x * x, axis=1)[:, None] - 2.0 * x @ cent.T
+          + np.sum(cent * cent, axis=1)[None, :])
+
+
+def kmeans_paths(vectors: np.ndarray, *, width: int, depth: int, num_paths: int,
+                 seed: int = 0, iters: int = 10) -> np.ndarray:
+  """Informed initial paths: J distinct path ids per item from hierarchical k-means over item
+  vectors, int64[N, J].
+
+  The rows of `vectors` float[N, E] are L2-normalised (direction, not popularity-driven norm,
+  decides; zero rows stay zero). Level 1 splits all items into K clusters by k-means (k-means++
+  seeding, `iters` Lloyd steps, seeded), level 2 splits each cluster into K, ... for D levels;
+  a cluster of at most K distinct vectors gives each its own code (in item order). An item's
+  first path is its nearest centroid at every level. Its other J - 1 paths share the first D - 1
+  codes and take, as the last code, the next-nearest centroids of its level-D split (their
+  codes; codes without a centroid rank last, in code order): an item shares paths with its
+  nearest neighbours of the same level-(D-1) cluster, so paths start as coherent small groups
+  of similar items, J of them per item. Only when J > K, the paths beyond the K of the last
+  level are drawn uniformly at random (distinct). Items with identical vectors get identical
+  codes (at random beyond K).
+  """
+  x = np.asarray(vectors, np.float64)
+  if x.ndim != 2 or len(x) < 1 or not np.isfinite(x).all():
+    raise InputError(f"item vectors must be finite float[N, E] with N >= 1, got {x.shape}")
+  total = width ** depth
+  if not 1 <= num_paths <= total:
+    raise InputError(f"num_paths J={num_paths} must lie in [1, K^D={total}]")
+  norm = np.linalg.norm(x, axis=1, keepdims=True)
+  x = x / np.where(norm > 0, norm, 1.0)
+  n = len(x)
+  rng = np.random.default_rng([seed, 31])
+  prefix = np.zeros(n, np.int64)  # path-id prefix (base-K number of the codes so far)
+  groups = [np.arange(n)]
+  for _ in range(depth - 1):
+    nxt = []
+    for members in groups:
+      cent = _kmeans(rng, x[members], width, iters)
+      label = _sq_dists(x[members], cent).argmin(axis=1)
+      prefix[members] = prefix[members] * width + label
+      nxt.extend(members[label == c] for c in range(len(cent)))
+    groups = [g for g in nxt if len(g)]
+  j_last = min(num_paths, width)
+  out = np.full((n, num_paths), -1, np.int64)
+  for members in groups:
+    cent = _kmeans(rng, x[members], width, iters)
+    dist = np.full((len(members), width), np.inf)
+    dist[:, :len(cent)] = _sq_dists(x[members], cent)
+    rank = np.argsort(dist, axis=1, kind="stable")[:, :j_last]
+    out[members, :j_last] = prefix[members, None] * width + rank
+  if num_paths > j_last:  # J > K: the remaining paths at random, distinct within each row
+    out[:, j_last:] = rng.integers(0, total, (n, num_paths - j_last))
+    while True:
+      bad = np.flatnonzero(repeated_in_row(out).any(axis=1))
+      if len(bad) == 0:
+        break
+      out[bad, j_last:] = rng.integers(0, total, (len(bad), num_paths - j_last))
+  return out
+
+
+def initial_paths(config: "DRConfig", *, num_items: int, seed: int,
+                  item_vectors: np.ndarray | None = None) -> np.ndarray:
+  """The paths the EM starts from, int64[N, J]: `random_paths` (seeded as before this option
+  existed) or `kmeans_paths` of `item_vectors` float[N, E] (required then)."""
+  if config.init_paths == "random":
+    return random_paths(np.random.default_rng([seed, 23]), num_items=num_items,
+                        num_structure_paths=config.num_structure_paths,
+                        num_paths=config.num_paths)
+  if item_vectors is None or len(item_vectors) != num_items:
+    raise InputError(f"init_paths='kmeans' needs item vectors float[{num_items}, E]")
+  return kmeans_paths(item_vectors, width=config.width, depth=config.depth,
+                      num_paths=config.num_paths, seed=seed, iters=config.init_kmeans_iters)
+
+
 def path_statistics(ids: np.ndarray, *, num_structure_paths: int) -> dict:
   """Sizes of the paths of an assignment ids int[N, J] (paper Table 5 style)."""
   sizes = np.bincount(np.asarray(ids).reshape(-1), minlength=num_structure_paths)
@@ -225,6 +336,14 @@ def path_statistics(ids: np.ndarray, *, num_structure_paths: int) -> dict:
   return {"max_path_size": int(sizes.max(initial=0)),
           "mean_items_per_nonempty_path": float(nonempty.mean()) if len(nonempty) else 0.0,
           "nonempty_paths": int(len(nonempty)), "num_structure_paths": int(num_structure_paths)}
+
+
+def expected_nonempty_paths(*, num_items: int, num_structure_paths: int,
+                            num_paths: int) -> float:
+  """Expected non-empty paths of `random_paths` (N items, J distinct uniform paths each):
+  P (1 - (1 - J / P)^N), P = K^D -- the baseline a learned assignment is compared to."""
+  p = float(num_structure_paths)
+  return p * (1.0 - (1.0 - num_paths / p) ** num_items)
 
 
 # ---- M-step: scores s[v, c] ----------------------------------------------------------------
@@ -562,12 +681,13 @@ class DRModel:
 
 
 def retrieve(model: DRModel, history: np.ndarray, *, topk: int, beam_size: int | None = None,
-             batch_size: int | None = None, mesh: Mesh | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+             batch_size: int | None = None, mesh: Mesh | None = None,
+             use_reranker: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Top-K items for histories int32[U, L]: (int32[U, topk] best first, -1 padded;
   int64[U] number of distinct candidate items of each user's beam). User batches of
   `batch_size` (default `eval_batch_size`) are split over the devices of `mesh` (default: all
-  devices)."""
+  devices). `use_reranker=False` orders the candidates by path scores alone (default: the
+  config's `reranker`)."""
   cfg = model.config
   beam = int(beam_size or cfg.beam_size)
   if not 1 <= beam <= cfg.num_structure_paths:
@@ -586,7 +706,7 @@ def retrieve(model: DRModel, history: np.ndarray, *, topk: int, beam_size: int |
   def one_batch(h):
     return _retrieve_batch(model.graphdef, params, h, offsets_dev, items_dev, beam=beam,
                            topk=topk, max_path_size=max(max_size, 1),
-                           use_reranker=cfg.reranker)
+                           use_reranker=cfg.reranker and use_reranker is not False)
 
   out, counts = parallel.map_user_batches(one_batch, [history], batch_size=bs, mesh=mesh)
   return out.astype(np.int32), counts.astype(np.int64)
@@ -628,6 +748,8 @@ def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_si
   """What a checkpoint must match: the DRConfig less its evaluation/logging fields, the data
   stream settings and the corpus."""
   skip = {"beam_size", "eval_batch_size", "checkpoint_every", "log_every"}
+  if config.init_paths == "random":  # runs from before the option keep their checkpoints
+    skip |= {"init_paths", "init_kmeans_iters"}
   return {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
           "fit": {"seed": seed, "history_len": history_len, "batch_size": batch_size,
                   "max_train_samples": max_train_samples},
@@ -636,11 +758,13 @@ def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_si
 
 def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_size: int = 256,
         max_train_samples: int = 0, workdir: str | None = None, stop_after_step: int = 0,
-        verbose: bool = False, mesh: Mesh | None = None) -> DRModel:
+        verbose: bool = False, mesh: Mesh | None = None,
+        item_vectors: np.ndarray | None = None) -> DRModel:
   """EM training (see the module docstring) through `training.fit` on `mesh` (default: all
-  devices; `batch_size` must divide over them). `stop_after_step` > 0 raises SimulatedCrash
-  right after that global training step (and its checkpoint, if one is due) unless it is the
-  last step -- testing only."""
+  devices; `batch_size` must divide over them). `item_vectors` float[N, E]: the warm-start
+  vectors of `init_paths="kmeans"` (ignored by "random"). `stop_after_step` > 0 raises
+  SimulatedCrash right after that global training step (and its checkpoint, if one is due)
+  unless it is the last step -- testing only."""
   config.check_corpus(ds.num_items)
   mesh = mesh or parallel.make_mesh()
   samples = batches_lib.training_samples(ds, max_train_samples=max_train_samples, seed=seed)
@@ -658,8 +782,7 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   graphdef, params = nnx.split(net)
   optimizer = train.make_optimizer(learning_rate=config.learning_rate,
                                    decay_steps=steps_per_epoch, decay_rate=config.decay_rate)
-  ids = random_paths(np.random.default_rng([seed, 23]), num_items=ds.num_items,
-                     num_structure_paths=config.num_structure_paths, num_paths=config.num_paths)
+  ids = initial_paths(config, num_items=ds.num_items, seed=seed, item_vectors=item_vectors)
   # The host-side carry of the phases: int32[N, J, D] path codes, int32[] M-steps done.
   carry = {"paths": structure_net.path_codes(ids, width=config.width,
                                              depth=config.depth).astype(np.int32),
@@ -668,6 +791,8 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   if workdir:
     identity = _run_identity(config, ds, seed=seed, history_len=history_len,
                              batch_size=batch_size, max_train_samples=max_train_samples)
+    if config.init_paths != "random":  # the initial paths, whatever vectors gave them
+      identity["initial_paths"] = zlib.crc32(np.ascontiguousarray(ids).tobytes())
     ckpt = training.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         identity={"fingerprint": training.fingerprint(identity)},
@@ -717,23 +842,33 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
 
 def run_dr(ds, ev, config: DRConfig, *, topk: int, seed: int, history_len: int,
            batch_size: int, max_train_samples: int, workdir: str | None,
-           stop_after_step: int = 0, verbose: bool = False, mesh: Mesh | None = None
+           stop_after_step: int = 0, verbose: bool = False, mesh: Mesh | None = None,
+           item_vectors: np.ndarray | None = None, ks: tuple[int, ...] = ()
            ) -> tuple[np.ndarray, float, dict]:
-  """Trains DR on `ds` and retrieves `topk` items for the users of `ev` (`ev.history`), both
-  data-parallel over `mesh` (default: all devices).
+  """Trains DR on `ds` (`item_vectors`: see `fit`) and retrieves `topk` items for the users of
+  `ev` (`ev.history`), both data-parallel over `mesh` (default: all devices).
 
   Returns:
     (retrieved int32[U, topk] (-1 where a user had fewer candidates), train_seconds (this
     call's training, M-steps included), settings: JSON-able -- the DRConfig, steps, final
-    losses, path statistics of the final paths, candidates per user, M-step diagnostics).
+    losses, path statistics of the final paths, the non-empty paths expected at random,
+    candidates per user, M-step diagnostics, and `path_only`: precision/recall/F-measure@K (K
+    in `ks`, default (topk,)) of the retrieval by path scores alone, no reranker, against
+    `ev`'s labels: whether the paths learned anything).
   """
   mesh = mesh or parallel.make_mesh()
   model = fit(ds, config, seed=seed, history_len=history_len, batch_size=batch_size,
               max_train_samples=max_train_samples, workdir=workdir,
-              stop_after_step=stop_after_step, verbose=verbose, mesh=mesh)
+              stop_after_step=stop_after_step, verbose=verbose, mesh=mesh,
+              item_vectors=item_vectors)
   t0 = time.perf_counter()
   retrieved, n_cand = retrieve(model, ev.history, topk=topk, mesh=mesh)
   retrieve_seconds = time.perf_counter() - t0
+  path_only = (retrieve(model, ev.history, topk=topk, mesh=mesh, use_reranker=False)[0]
+               if config.reranker else retrieved)
+  path_metrics = (retrieval_metrics(path_only, ev.label_offsets, ev.label_items,
+                                    num_items=ds.num_items, ks=tuple(ks) or (topk,))
+                  if len(path_only) else {})
   info = model.info
   last = info["losses"][-1] if len(info["losses"]) else [np.nan] * 3
   settings = {
@@ -749,6 +884,10 @@ def run_dr(ds, ev, config: DRConfig, *, topk: int, seed: int, history_len: int,
       "candidates_per_user": ({"mean": float(n_cand.mean()), "min": int(n_cand.min()),
                                "max": int(n_cand.max())} if len(n_cand) else {}),
       "users_short_of_topk": int(np.sum(n_cand < topk)),
+      "path_only": path_metrics,
+      "random_nonempty_paths": expected_nonempty_paths(
+          num_items=ds.num_items, num_structure_paths=config.num_structure_paths,
+          num_paths=config.num_paths),
       "retrieve_seconds": float(retrieve_seconds),
       "msteps_run": [{k: (float(v) if isinstance(v, (float, np.floating)) else v)
                       for k, v in m.items()} for m in info["msteps_run"]],

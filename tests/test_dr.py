@@ -215,6 +215,48 @@ def test_random_paths_distinct_and_seeded():
   assert not metrics.repeated_in_row(c).any()
 
 
+def _blobs(centers: np.ndarray, per: int, spread: float, seed: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return np.repeat(centers, per, axis=0) + spread * rng.normal(size=(len(centers) * per,
+                                                                      centers.shape[1]))
+
+
+@pytest.mark.parametrize("width,depth,num_paths", [(3, 2, 2), (4, 3, 3), (2, 2, 3), (5, 1, 5)])
+def test_kmeans_paths_codes_valid_distinct_seeded(width, depth, num_paths):
+  x = np.random.default_rng(0).normal(size=(60, 5))
+  ids = dr.kmeans_paths(x, width=width, depth=depth, num_paths=num_paths, seed=1)
+  assert ids.shape == (60, num_paths) and ids.dtype == np.int64
+  codes = dr_model.path_codes(ids, width=width, depth=depth)  # [N, J, D]
+  assert ((codes >= 0) & (codes < width)).all()
+  assert not metrics.repeated_in_row(ids).any()
+  np.testing.assert_array_equal(
+      ids, dr.kmeans_paths(x, width=width, depth=depth, num_paths=num_paths, seed=1))
+  if num_paths <= width:  # the J paths share the first D - 1 codes (next-best last codes)
+    assert (codes[:, :, :-1] == codes[:, :1, :-1]).all()
+
+
+def test_kmeans_paths_identical_and_separated_vectors():
+  # Three well-separated blobs of 10 items (K = 3): three distinct level-1 codes, one per blob.
+  centers = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+  x = _blobs(centers, 10, 0.01, seed=2)
+  for seed in range(5):
+    codes = dr_model.path_codes(dr.kmeans_paths(x, width=3, depth=2, num_paths=2, seed=seed),
+                                width=3, depth=2)
+    first = codes[:, 0, 0].reshape(3, 10)
+    assert (first == first[:, :1]).all() and len(set(first[:, 0].tolist())) == 3
+  # Identical vectors get identical codes (here 4 copies each of 5 vectors, K = 2 < 5).
+  y = np.repeat(np.random.default_rng(3).normal(size=(5, 4)), 4, axis=0)
+  ids = dr.kmeans_paths(y, width=2, depth=3, num_paths=2, seed=0)
+  np.testing.assert_array_equal(ids.reshape(5, 4, 2), np.repeat(ids[::4, None], 4, axis=1))
+  # Hand case: items 0, 1 near each other, item 2 far (K = 3, D = 1): the first path is the
+  # item's own code, the second its nearest neighbour's.
+  ids = dr.kmeans_paths(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), width=3, depth=1,
+                        num_paths=2)
+  np.testing.assert_array_equal(ids, [[0, 1], [1, 0], [2, 1]])
+  assert dr.expected_nonempty_paths(num_items=1, num_structure_paths=10, num_paths=3) == \
+      pytest.approx(3.0)
+
+
 def test_path_index_and_statistics():
   ids = np.array([[0, 3], [3, 1], [3, 0]])
   offsets, items, largest = dr.path_index(ids, num_structure_paths=5)
@@ -233,8 +275,13 @@ def test_bad_settings_are_refused():
     dr.DRConfig(width=3, depth=2, beam_size=10)
   with pytest.raises(ValueError, match="num_paths"):
     dr.DRConfig(width=2, depth=1, beam_size=1, top_paths=1, num_paths=3)
-  with pytest.raises(ValueError, match="too small"):
-    dr.DRConfig(width=3, depth=2, beam_size=5, top_paths=5, num_paths=2).check_corpus(19)
+  # Paths have no capacity in DR: K^D J = 18 < 19 items is fine (the old rule refused it);
+  # only an empty corpus is refused.
+  dr.DRConfig(width=3, depth=2, beam_size=5, top_paths=5, num_paths=2).check_corpus(19)
+  with pytest.raises(ValueError, match="no items"):
+    dr.DRConfig(width=3, depth=2, beam_size=5, top_paths=5, num_paths=2).check_corpus(0)
+  with pytest.raises(ValueError, match="init_paths"):
+    dr.dr_config("smoke", init_paths="tree")
   with pytest.raises(ValueError, match="user_encoder"):
     dr.dr_config("smoke", user_encoder="lstm")
   with pytest.raises(ValueError, match="unknown DR preset"):
@@ -280,7 +327,27 @@ def test_run_dr_retrieves_valid_items(smoke, smoke_run):
   r20 = metrics.retrieval_metrics(retrieved, ev.label_offsets, ev.label_items,
                                   num_items=ds.num_items, ks=(20,))["recall@20"]
   assert r20 > 1.5 * 20 / ds.num_items  # better than random
+  path_f = settings["path_only"][f"f_measure@{run['topk']}"]  # paths alone, no reranker
+  assert 0.0 <= path_f <= 1.0
+  assert 0 < settings["random_nonempty_paths"] <= 8 ** 3
   json.dumps(settings)
+
+
+def test_kmeans_init_and_small_structure_train(smoke):
+  # K^D J = 4 < N items now trains (paths hold many items); kmeans initial paths from item
+  # vectors; without vectors kmeans init is refused.
+  _, ds, ev, run = smoke
+  config = dr.dr_config("smoke", width=2, depth=2, num_paths=1, beam_size=4, top_paths=4,
+                        init_paths="kmeans")
+  assert config.num_structure_paths * config.num_paths < ds.num_items
+  vectors = np.random.default_rng(0).normal(size=(ds.num_items, 6)).astype(np.float32)
+  with pytest.raises(ValueError, match="item vectors"):
+    dr.run_dr(ds, ev, config, workdir=None, **run)
+  retrieved, _, settings = dr.run_dr(ds, ev, config, workdir=None, item_vectors=vectors,
+                                     ks=(run["topk"],), **run)
+  assert ((retrieved >= 0) & (retrieved < ds.num_items)).all()
+  assert settings["path_stats"]["nonempty_paths"] <= 4
+  assert 0.0 <= settings["path_only"][f"f_measure@{run['topk']}"] <= 1.0
 
 
 def test_run_dr_crash_and_resume_match(smoke, smoke_run, tmp_path):
