@@ -83,7 +83,14 @@ class TrainConfig:
   full_softmax_nodes: int = field(128, "Levels with at most this many nodes use the full "
                                   "softmax.")
   binary_negatives: int = field(6, "Negatives per level of TDM/JTM (paper sec. 8.4: 3-6).")
-  otm_beam_size: int = field(20, "OTM: beam size of the training beam search.")
+  otm_beam_size: int | None = field(None, "OTM: beam size of the training beam search (unset: "
+                                    "the retrieval --beam_size, the beam OTM's targets are "
+                                    "calibrated for; set only to train with another beam).")
+  otm_ancestor_nodes: bool = field(False, "OTM: also train on the positives' ancestors at "
+                                   "every level (off: the training beam's candidates only, as "
+                                   "OTM Algorithm 1).")
+  label_window: int = field(1, "OTM: multi-label training instances, labels = the distinct "
+                            "items of the next W interactions (1: the next item only).")
   rectify: bool = field(False, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec estimator "
                         "trained once per workdir.")
   checkpoint_every: int = field(500, "Checkpoint period in steps.", fingerprint=False)
@@ -255,9 +262,10 @@ def validate(cfg: Config) -> None:
     raise InputError(f"windows {cfg.model.windows} sum to {sum(cfg.model.windows)} but "
                      f"history_len is {cfg.data.history_len}; pass --windows that sum to "
                      f"--history_len")
-  for name in ("tree_rounds", "otm_beam_size", "batch_size", "branching", "eval_batch_size"):
+  for name in ("tree_rounds", "otm_beam_size", "label_window", "batch_size", "branching",
+               "eval_batch_size"):
     value = dict((n, v) for n, v, _ in leaves(cfg))[name]
-    if value < (2 if name == "branching" else 1):
+    if value is not None and value < (2 if name == "branching" else 1):  # otm_beam_size: unset
       raise InputError(f"--{name}={value} is too small")
   if cfg.tree.warm_start_epochs <= 0:
     raise InputError(f"--warm_start_epochs={cfg.tree.warm_start_epochs} must be positive")

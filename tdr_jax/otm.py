@@ -52,6 +52,70 @@ def pseudo_targets(child_scores: jax.Array, child_nodes: jax.Array, child_mask: 
   return jnp.concatenate([suffix, jnp.ones((1,), jnp.float32)])
 
 
+def positive_paths(tree: tree_lib.Tree, positives: jax.Array) -> jax.Array:
+  """The ancestors of one instance's positives, one row per positive.
+
+  Args:
+    tree: the tree index.
+    positives: int32[W] item ids, -1 padding.
+  Returns:
+    int32[W, H+1] row w: the ancestors of positives[w] at levels 0..H; all -1 for padding.
+  """
+  paths = jnp.asarray(tree.item_paths)[jnp.maximum(positives, 0)]
+  return jnp.where((positives >= 0)[:, None], paths, -1)
+
+
+def multi_label_pseudo_targets(child_scores: jax.Array, child_nodes: jax.Array,
+                               child_mask: jax.Array, paths: jax.Array) -> jax.Array:
+  """OTM targets (paper Algorithm 1) of the union of a multi-label instance's ancestors.
+
+  Bottom-up: a positive's leaf has target 1; a node n on some positive's path has the target
+  of its argmax child c under the current model (stop-gradient scores, ties to the lowest
+  child id), which is t(c) when c is itself an ancestor of some positive and 0 otherwise (no
+  positive below c). Every node off the union has target 0. With one positive (W = 1) this is
+  `pseudo_targets`.
+
+  Args:
+    child_scores: float[W, H, B] scores of the children of paths[w, 0..H-1] (row [w, j-1]:
+      level j nodes; `plt.path_children` per positive); taken under stop_gradient.
+    child_nodes: int32[W, H, B] those children.
+    child_mask: bool[W, H, B] the valid ones (all False for a padding positive).
+    paths: int32[W, H+1] the positives' ancestors (`positive_paths`; -1 rows = padding).
+  Returns:
+    float32[W, H+1] target of paths[w, j] (equal for rows that share the node; 0 for padding).
+  """
+  valid = paths[:, 0] >= 0  # [W]
+  scores = jnp.where(child_mask, jax.lax.stop_gradient(child_scores).astype(jnp.float32),
+                     -jnp.inf)
+  best = jnp.argmax(scores, axis=2)  # [W, H]
+  best_node = jnp.take_along_axis(child_nodes, best[:, :, None], axis=2)[:, :, 0]  # [W, H]
+  height = paths.shape[1] - 1
+  level_t = valid.astype(jnp.float32)  # [W] level H: every positive's leaf has target 1
+  out = [level_t]
+  for j in range(height - 1, -1, -1):
+    # t(paths[w, j]) = max over positives w' whose level-(j+1) ancestor is the argmax child.
+    hit = (best_node[:, j][:, None] == paths[None, :, j + 1]) & valid[None, :]  # [W, W']
+    level_t = jnp.max(jnp.where(hit, level_t[None, :], 0.0), axis=1) * valid
+    out.append(level_t)
+  return jnp.stack(out[::-1], axis=1)
+
+
+def multi_node_targets(nodes: jax.Array, ancestors: jax.Array, ancestor_targets: jax.Array
+                       ) -> jax.Array:
+  """Pseudo targets of arbitrary nodes of one level with several positives: the target of the
+  positives' ancestor the node equals, 0 for every other node (and for -1 padding).
+
+  Args:
+    nodes: int32[M] node ids of level j (-1 allowed).
+    ancestors: int32[W] the positives' level-j ancestors (-1 for padding positives).
+    ancestor_targets: float[W] their targets (from `multi_label_pseudo_targets`).
+  Returns:
+    float32[M].
+  """
+  hit = (nodes[:, None] == ancestors[None, :]) & (nodes[:, None] >= 0)  # [M, W]
+  return jnp.max(jnp.where(hit, ancestor_targets.astype(jnp.float32)[None, :], 0.0), axis=1)
+
+
 def node_targets(nodes: jax.Array, ancestor: jax.Array, ancestor_target: jax.Array
                  ) -> jax.Array:
   """Pseudo targets of arbitrary nodes of one level: the ancestor's target for the positive's
@@ -122,6 +186,46 @@ def training_nodes(candidates: jax.Array, mask: jax.Array, ancestor: jax.Array
   present = jnp.any(mask & (candidates == ancestor))
   nodes = jnp.concatenate([jnp.where(mask, candidates, -1), ancestor[None]])
   return nodes, jnp.concatenate([mask, (~present & (ancestor >= 0))[None]])
+
+
+def multi_training_nodes(candidates: jax.Array, mask: jax.Array, ancestors: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """One level's training set with several positives: the beam candidates plus the positives'
+  ancestors at the level (the option `StepConfig.ancestor_nodes`).
+
+  Args:
+    candidates: int32[C] the level's beam candidates (-1 padding allowed).
+    mask: bool[C] the valid candidates.
+    ancestors: int32[W] the positives' ancestors at the level (-1 for padding positives).
+  Returns:
+    nodes: int32[C+W] candidates (-1 where masked), then the ancestors.
+    mask: bool[C+W] the candidates' mask, then True for an ancestor that is neither a valid
+      candidate nor equal to an earlier ancestor (no node is trained twice).
+  """
+  width = ancestors.shape[0]
+  present = jnp.any(mask[None, :] & (candidates[None, :] == ancestors[:, None]), axis=1)
+  earlier = jnp.any((ancestors[:, None] == ancestors[None, :])
+                    & jnp.tri(width, k=-1, dtype=bool), axis=1)
+  nodes = jnp.concatenate([jnp.where(mask, candidates, -1), ancestors])
+  return nodes, jnp.concatenate([mask, ~present & ~earlier & (ancestors >= 0)])
+
+
+def multi_level_loss(logits: jax.Array, nodes: jax.Array, mask: jax.Array, ancestors: jax.Array,
+                     ancestor_targets: jax.Array, weight: jax.Array | float = 1.0) -> jax.Array:
+  """OTM binary cross-entropy of one (multi-label sample, level) over its training nodes.
+
+  Args:
+    logits: float[M] scorer outputs for `nodes`.
+    nodes, mask: int32[M], bool[M] the training nodes (`multi_training_nodes`, or the beam
+      candidates alone).
+    ancestors: int32[W] the positives' ancestors at the level (-1 padding).
+    ancestor_targets: float[W] their pseudo targets (`multi_label_pseudo_targets`).
+    weight: scalar weight of the positive terms.
+  Returns:
+    float[] loss.
+  """
+  targets = multi_node_targets(nodes, ancestors, ancestor_targets)
+  return binary_cross_entropy(logits, targets, mask, weight)
 
 
 def level_loss(logits: jax.Array, nodes: jax.Array, mask: jax.Array, ancestor: jax.Array,

@@ -15,8 +15,11 @@ Levels 1..H are trained (the root is trivial):
 * TDM/JTM (`loss="bce"`): binary cross-entropy (Eq. 2), the positive path against uniform
   negatives at every level.
 * OTM (`loss="otm"`, `tdr_jax.otm`): binary cross-entropy against beam-search-aware pseudo
-  targets over the nodes a beam search of size `beam_size` (current model, no gradient) scores
-  at each level, plus the positive's ancestor there.
+  targets over the nodes a beam search of size `beam_size` (current model, no gradient; the
+  run passes the retrieval beam) scores at each level (plus the positives' ancestors there with
+  `ancestor_nodes`). Multi-label instances: `batch.labels` int32[B, W] (-1 padding), a node's
+  target is 1 when the argmax chain below it reaches a positive; without labels the positive
+  is `batch.target`.
 * PLT (`loss="plt"`, `tdr_jax.label_tree`): binary cross-entropy of the per-node conditional
   classifiers over the positive's path nodes (target 1) and their siblings (target 0). Retrieve
   with `beam_search(..., path_scores=True)`.
@@ -44,6 +47,7 @@ class StepConfig:
   num_negatives: int = 70
   full_softmax_nodes: int = 128  # levels with at most this many nodes use the full softmax
   beam_size: int = 20  # OTM: size of the training beam search that picks each level's nodes
+  ancestor_nodes: bool = False  # OTM: also train on the positives' ancestors at every level
 
 
 def num_full_levels(config: StepConfig, *, branching: int, height: int) -> int:
@@ -78,32 +82,42 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
 
   def tree_level_losses(params, batch: Batch, tree: tree_lib.Tree, paths: jax.Array):
     """OTM / PLT losses float32[H, B] (no sampled negatives, so no key or level index)."""
-    # [B, H, Bt]: the children of the positive's path nodes (path node + siblings per level).
-    kids, kids_mask = jax.vmap(lambda p: label_tree.path_children(tree, p))(paths)
     if config.loss == "plt":
+      # [B, H, Bt]: the children of the positive's path nodes (path node + siblings per level).
+      kids, kids_mask = jax.vmap(lambda p: label_tree.path_children(tree, p))(paths)
       logits = jnp.stack([score_fn(params, tree, batch.history, kids[:, j - 1], level=j)
                           for j in range(1, height + 1)], axis=1)  # [B, H, Bt]
       per_sample = jax.vmap(label_tree.plt_loss)(logits.astype(jnp.float32), kids, kids_mask, paths,
                                           batch.weight)  # [B, H]
       return per_sample.T  # [B, H] -> [H, B], levels first like the other losses
+    # OTM: the positives (batch.labels, else the target) and their ancestors [B, W, H+1].
+    labels = batch.target[:, None] if batch.labels is None else batch.labels
+    pos_paths = jax.vmap(lambda y: otm.positive_paths(tree, y))(labels)
+    # [B, W, H, Bt]: the children of every positive's path nodes.
+    pkids, pkids_mask = jax.vmap(jax.vmap(lambda p: label_tree.path_children(tree, p)))(pos_paths)
+    num_pos, width_kids = pkids.shape[1], pkids.shape[3]
     cands = otm.beam_candidates(score_fn, params, tree, batch.history, beam_size=config.beam_size)
     train_nodes, train_mask, train_logits, kid_scores = [], [], [], []
     for j in range(1, height + 1):
-      nodes, mask = jax.vmap(otm.training_nodes)(*cands[j - 1], paths[:, j])  # [B, W_j + 1]
+      nodes, mask = cands[j - 1]  # [B, C_j]
+      if config.ancestor_nodes:
+        nodes, mask = jax.vmap(otm.multi_training_nodes)(nodes, mask, pos_paths[:, :, j])
       width = nodes.shape[1]
-      # One scorer call per level: the training nodes, then the path node's children (whose
-      # stop-gradient scores decide the pseudo targets).
-      ids = jnp.concatenate([nodes, kids[:, j - 1]], axis=1)
+      # One scorer call per level: the training nodes, then the positives' path nodes' children
+      # (whose stop-gradient scores decide the pseudo targets).
+      kids = pkids[:, :, j - 1].reshape(-1, num_pos * width_kids)  # [B, W*Bt]
+      ids = jnp.concatenate([nodes, kids], axis=1)
       sc = score_fn(params, tree, batch.history, ids, level=j).astype(jnp.float32)
       train_nodes.append(nodes)
       train_mask.append(mask)
       train_logits.append(sc[:, :width])
-      kid_scores.append(sc[:, width:])
-    targets = jax.vmap(otm.pseudo_targets)(jnp.stack(kid_scores, axis=1), kids, kids_mask,
-                                           paths)  # [B, H+1]
+      kid_scores.append(sc[:, width:].reshape(-1, num_pos, width_kids))
+    targets = jax.vmap(otm.multi_label_pseudo_targets)(
+        jnp.stack(kid_scores, axis=2), pkids, pkids_mask, pos_paths)  # [B, W, H+1]
     return jnp.stack([
-        jax.vmap(otm.level_loss)(train_logits[j - 1], train_nodes[j - 1], train_mask[j - 1],
-                                 paths[:, j], targets[:, j], batch.weight[:, j - 1])
+        jax.vmap(otm.multi_level_loss)(train_logits[j - 1], train_nodes[j - 1], train_mask[j - 1],
+                                       pos_paths[:, :, j], targets[:, :, j],
+                                       batch.weight[:, j - 1])
         for j in range(1, height + 1)])
 
   def loss_fn(params, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex, key):

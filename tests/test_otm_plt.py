@@ -2,6 +2,7 @@
 path-product beam search on tiny trees with table scorers; a few DIN train steps of each."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,11 @@ import pytest
 
 from tdr_jax import beam_search as bs
 from tdr_jax import label_tree as plt
+from tdr_jax import config as config_lib
 from tdr_jax import otm, sampling, train
 from tdr_jax import tree as tree_lib
+from tdr_jax.data import batches as batches_lib
+from tdr_jax.methods import tree_family
 from tdr_jax.models import din as din_lib
 
 
@@ -100,6 +104,94 @@ def test_otm_ancestor_target_zero_when_argmax_leads_away():
   np.testing.assert_array_equal(np.asarray(anc), [0, 0, 1, 1])
 
 
+# ---- OTM multi-label pseudo targets ---------------------------------------------------------
+
+def brute_force_multi_targets(t, scores, items):
+  """Paper's recursion over the whole tree for a set of positives: a leaf's target is 1 iff
+  its item is one of `items`; a node's is its argmax valid child's (first maximum)."""
+  num_nodes = t.parent.shape[0]
+  leaf0 = int(t.level_offsets[t.height])
+  positives = {int(i) for i in items if i >= 0}
+  target = np.zeros(num_nodes)
+
+  def value(n):
+    if n >= leaf0:
+      item = int(t.leaf_to_item[n - leaf0])
+      return float(item >= 0 and item in positives)
+    kids = [int(c) for c in t.children[n] if c >= 0 and t.node_valid[c]]
+    if not kids:
+      return 0.0
+    best = kids[0]
+    for c in kids[1:]:
+      if scores[c] > scores[best]:
+        best = c
+    return value(best)
+
+  for n in range(num_nodes):
+    target[n] = value(n)
+  return target
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def otm_all_node_multi_targets(t, table_row, positives):
+  """float32[num_nodes] of the multi-label targets (level-wise `multi_node_targets`), the
+  per-positive ancestor targets and the positives' paths."""
+  paths = otm.positive_paths(t, positives)
+  nodes, mask = jax.vmap(lambda p: plt.path_children(t, p))(paths)
+  anc = otm.multi_label_pseudo_targets(table_row[nodes], nodes, mask, paths)
+  out = []
+  for j in range(t.height + 1):
+    ids = jnp.arange(t.level_offsets[j], t.level_offsets[j + 1], dtype=jnp.int32)
+    out.append(otm.multi_node_targets(ids, paths[:, j], anc[:, j]))
+  return jnp.concatenate(out), anc, paths
+
+
+@pytest.mark.parametrize("tree_name", ["tree5", "tree8"])
+def test_otm_multi_label_targets_equal_brute_force(tree_name, request):
+  t = request.getfixturevalue(tree_name)
+  rng = np.random.default_rng(11)
+  saw_one = saw_zero = False
+  for trial in range(10):
+    # Ties too: half the trials draw scores from a few values.
+    table = rng.normal(size=t.parent.shape[0]).astype(np.float32)
+    if trial % 2:
+      table = rng.integers(0, 3, size=t.parent.shape[0]).astype(np.float32)
+    for w in (1, 2, 3):
+      items = rng.choice(t.num_items, size=w, replace=False)
+      positives = np.full(4, -1, np.int32)  # W = 4 slots, -1 padding
+      positives[rng.choice(4, size=w, replace=False)] = items
+      got, anc, paths = otm_all_node_multi_targets(t, jnp.asarray(table), jnp.asarray(positives))
+      want = brute_force_multi_targets(t, table, items)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"trial {trial} {positives}")
+      anc, paths = np.asarray(anc), np.asarray(paths)
+      # Per-positive rows: the brute-force target of each ancestor; padding rows are 0 / -1.
+      for row, p in enumerate(positives):
+        if p < 0:
+          assert np.all(paths[row] == -1) and np.all(anc[row] == 0)
+        else:
+          np.testing.assert_array_equal(anc[row], want[paths[row]])
+      # Nodes off the union of the ancestors have target 0 in the brute force too.
+      union = set(paths[paths >= 0].tolist())
+      assert all(want[n] == 0 for n in range(len(want)) if n not in union)
+      saw_one |= bool(anc[positives >= 0, 0].max() == 1)
+      saw_zero |= bool(anc[positives >= 0, 0].max() == 0)
+  assert saw_one and saw_zero
+
+
+def test_otm_multi_label_single_positive_equals_single_label(tree5):
+  t = tree5
+  rng = np.random.default_rng(12)
+  for trial in range(8):
+    table = rng.normal(size=t.parent.shape[0]).astype(np.float32)
+    for item in range(t.num_items):
+      positives = jnp.asarray([-1, item, -1], jnp.int32)
+      got, anc, _ = otm_all_node_multi_targets(t, jnp.asarray(table), positives)
+      single, single_anc = otm_all_node_targets(t, jnp.asarray(table),
+                                                jnp.asarray(t.item_paths[item]))
+      np.testing.assert_array_equal(np.asarray(anc)[1], np.asarray(single_anc))
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(single))
+
+
 # ---- OTM training nodes --------------------------------------------------------------------
 
 def np_beam_candidates(t, scores, k):
@@ -149,7 +241,8 @@ def test_otm_training_nodes_are_beam_children_plus_ancestor(tree5, beam_size):
       assert np.all(nodes[u, :-1][~mask[u, :-1]] == -1)  # masked candidates are -1 padding
 
 
-def test_otm_loss_matches_reference(tree5):
+@pytest.mark.parametrize("ancestor_nodes", [True, False])
+def test_otm_loss_matches_reference(tree5, ancestor_nodes):
   """make_loss_fn(loss="otm") with a table scorer equals the BCE over the reference training
   sets against brute-force targets; its gradient is finite despite NaN at padded entries."""
   t = tree5
@@ -160,8 +253,9 @@ def test_otm_loss_matches_reference(tree5):
   height = t.height
   batch = train.Batch(user_history(num_users), jnp.asarray(targets),
                       jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool))
-  loss_fn = train.make_loss_fn(table_score, train.StepConfig(loss="otm", beam_size=k),
-                               branching=2, height=height)
+  loss_fn = train.make_loss_fn(
+      table_score, train.StepConfig(loss="otm", beam_size=k, ancestor_nodes=ancestor_nodes),
+      branching=2, height=height)
   (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       jnp.asarray(table), batch, t, sampling.level_index(t), jax.random.key(0))
   assert np.all(np.isfinite(np.asarray(grad)))
@@ -169,11 +263,78 @@ def test_otm_loss_matches_reference(tree5):
   for u in range(num_users):
     tgt = brute_force_targets(t, table[u], targets[u])
     for j, cands in enumerate(np_beam_candidates(t, table[u], k), start=1):
-      for n in set(cands) | {int(t.item_paths[targets[u], j])}:
+      extra = {int(t.item_paths[targets[u], j])} if ancestor_nodes else set()
+      for n in set(cands) | extra:
         p = 1 / (1 + np.exp(-float(table[u, n])))
         want[j - 1] -= np.log(p) if tgt[n] else np.log(1 - p)
   np.testing.assert_allclose(np.asarray(metrics["level_loss"]), want / num_users, rtol=1e-5)
   np.testing.assert_allclose(float(loss), want.sum() / num_users, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ancestor_nodes", [True, False])
+def test_otm_multi_label_loss_matches_reference(tree8, ancestor_nodes):
+  """With batch.labels (several positives, -1 padding) the OTM loss is the BCE over the beam
+  candidates (plus every positive's ancestor) against the multi-label brute-force targets;
+  labels = [target] gives the single-label loss."""
+  t = tree8
+  num_users, k = 5, 2
+  rng = np.random.default_rng(10)
+  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
+  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  height = t.height
+  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
+                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
+                      jnp.asarray(labels))
+  loss_fn = jax.jit(train.make_loss_fn(
+      table_score, train.StepConfig(loss="otm", beam_size=k, ancestor_nodes=ancestor_nodes),
+      branching=2, height=height))
+  args = (t, sampling.level_index(t), jax.random.key(0))
+  (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(table), batch,
+                                                                     *args)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  want = np.zeros(height)
+  for u in range(num_users):
+    pos = labels[u][labels[u] >= 0]
+    tgt = brute_force_multi_targets(t, table[u], pos)
+    for j, cands in enumerate(np_beam_candidates(t, table[u], k), start=1):
+      extra = {int(t.item_paths[p, j]) for p in pos} if ancestor_nodes else set()
+      for n in set(cands) | extra:
+        p = 1 / (1 + np.exp(-float(table[u, n])))
+        want[j - 1] -= np.log(p) if tgt[n] else np.log(1 - p)
+  np.testing.assert_allclose(np.asarray(metrics["level_loss"]), want / num_users, rtol=1e-5)
+  single = batch._replace(labels=None)
+  one = batch._replace(labels=jnp.asarray(labels[:, :1]))
+  a, _ = loss_fn(jnp.asarray(table), single, *args)
+  b, _ = loss_fn(jnp.asarray(table), one, *args)
+  assert float(a) == float(b)
+
+
+def test_otm_multi_training_nodes_dedupe():
+  cands = jnp.asarray([3, 4, -1, 6], jnp.int32)
+  mask = jnp.asarray([True, True, False, True])
+  nodes, m = otm.multi_training_nodes(cands, mask, jnp.asarray([4, 5, 5, -1, 3], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(nodes), [3, 4, -1, 6, 4, 5, 5, -1, 3])
+  np.testing.assert_array_equal(np.asarray(m), [1, 1, 0, 1, 0, 1, 0, 0, 0])
+  # One ancestor: the single-label `training_nodes`.
+  n1, m1 = otm.training_nodes(cands, mask, jnp.int32(5))
+  n2, m2 = otm.multi_training_nodes(cands, mask, jnp.asarray([5], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(n1), np.asarray(n2))
+  np.testing.assert_array_equal(np.asarray(m1), np.asarray(m2))
+
+
+def test_window_labels_next_items_distinct_within_user():
+  ds = types.SimpleNamespace(
+      seq_items=np.array([5, 6, 5, 7, 8, 1, 2], np.int32),  # user 0: 0..4, user 1: 5..6
+      seq_offsets=np.array([0, 5, 7], np.int64),
+      train_sample_pos=np.array([1, 2, 3, 4, 6], np.int64),
+      train_sample_start=np.array([0, 0, 0, 0, 5], np.int64))
+  got = batches_lib.window_labels(ds, np.arange(5), 3)
+  np.testing.assert_array_equal(got, [[6, 5, 7], [5, 7, 8], [7, 8, -1], [8, -1, -1],
+                                      [2, -1, -1]])
+  np.testing.assert_array_equal(batches_lib.window_labels(ds, np.arange(5), 1)[:, 0],
+                                ds.seq_items[ds.train_sample_pos])
+  ds.seq_items = np.array([5, 6, 6, 6, 5, 1, 2], np.int32)  # repeats within the window
+  np.testing.assert_array_equal(batches_lib.window_labels(ds, np.array([0]), 4), [[6, 5, -1, -1]])
 
 
 # ---- PLT ----------------------------------------------------------------------------------
@@ -315,3 +476,31 @@ def test_plt_path_score_fn_reranks_by_path_products(tree8):
                                 np.argsort(-logp, axis=1, kind="stable")[:, :3])
   with pytest.raises(ValueError, match="level"):
     fn(jnp.asarray(table), t, user_history(num_users), leaves)
+
+
+# ---- OTM training beam = retrieval beam ---------------------------------------------------
+
+def test_otm_training_beam_is_retrieval_beam_by_default(monkeypatch):
+  """The OTM step trains with the retrieval --beam_size unless --otm_beam_size asks for
+  another; train_round hands the resolved value to the step."""
+  cfg = config_lib.make_config("smoke", method="otm", loss="otm")
+  assert cfg.train.otm_beam_size is None
+  assert tree_family.otm_training_beam(cfg) == cfg.eval.beam_size
+  assert tree_family.otm_training_beam(cfg.replace(beam_size=60)) == 60
+  assert tree_family.otm_training_beam(cfg.replace(otm_beam_size=7)) == 7
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def fake_step(score_fn, optimizer, step_cfg, **kw):
+    seen.append(step_cfg)
+    raise Stop
+
+  monkeypatch.setattr(train, "make_train_step", fake_step)
+  t = tree_lib.build_random(np.random.default_rng(0), 8, branching=2)
+  for c, want in ((cfg, cfg.eval.beam_size), (cfg.replace(otm_beam_size=7), 7)):
+    with pytest.raises(Stop):
+      tree_family.train_round(c, None, np.arange(64), t, None, None, "/nonexistent",
+                              corpus_fp="x", mesh=None)
+    assert seen[-1].loss == "otm" and seen[-1].beam_size == want

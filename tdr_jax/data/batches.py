@@ -21,7 +21,8 @@ import numpy as np
 
 from tdr_jax.data.preprocess import Dataset, train_batch, training_samples
 
-__all__ = ["Batch", "STREAM", "batch_for_step", "steps_for", "training_samples"]
+__all__ = ["Batch", "STREAM", "batch_for_step", "steps_for", "training_samples",
+           "window_labels"]
 
 # Salt of the per-epoch permutation `default_rng([seed, stream, epoch])`. The tree methods and
 # the baselines share STREAM; the SASRec estimator has its own (its numbers predate sharing).
@@ -33,12 +34,45 @@ class Batch(NamedTuple):
 
   history: int32[B, L] left-padded with -1; target: int32[B] item ids; weight: float32[B, H]
   label weight per tree level 1..H (ones for plain labels; H = 1 for the flat models);
-  mask: bool[B] False for padding rows.
+  mask: bool[B] False for padding rows; labels: int32[B, W] or None: the distinct items of the
+  sample's next W interactions (`window_labels`; column 0 = target, -1 padding), for
+  multi-label training (OTM); None = the single label `target`.
   """
   history: np.ndarray
   target: np.ndarray
   weight: np.ndarray
   mask: np.ndarray
+  labels: np.ndarray | None = None
+
+
+def window_labels(ds: Dataset, sample_idx: np.ndarray, window: int) -> np.ndarray:
+  """Multi-label targets: the distinct items of each sample's next `window` interactions.
+
+  Sample s (history = the user's items before position p) gets the items at positions
+  p .. p+window-1 of the same user (fewer at the end of the user's sequence), first
+  occurrences in time order, so column 0 is the sample's target.
+
+  Args:
+    ds: the dataset.
+    sample_idx: int[B] training-sample indices.
+    window: W >= 1.
+  Returns:
+    int32[B, W] item ids, -1 padding.
+  """
+  if window < 1:
+    raise ValueError(f"window must be at least 1, got {window}")
+  sample_idx = np.asarray(sample_idx, np.int64)
+  pos = ds.train_sample_pos[sample_idx]
+  user = np.searchsorted(ds.seq_offsets, ds.train_sample_start[sample_idx], side="right") - 1
+  end = ds.seq_offsets[user + 1]  # one past the user's last interaction
+  at = pos[:, None] + np.arange(window)[None, :]  # [B, W]
+  items = np.where(at < end[:, None], ds.seq_items[np.minimum(at, len(ds.seq_items) - 1)], -1)
+  # Drop repeats of an earlier column, then move the kept items to the front.
+  repeat = np.any((items[:, :, None] == items[:, None, :])
+                  & np.tri(window, k=-1, dtype=bool)[None], axis=2)
+  items = np.where(repeat, -1, items)
+  order = np.argsort(items < 0, axis=1, kind="stable")
+  return np.take_along_axis(items, order, axis=1).astype(np.int32)
 
 
 def steps_for(num_samples: int, *, batch_size: int, epochs: float) -> tuple[int, int]:
@@ -51,7 +85,7 @@ def steps_for(num_samples: int, *, batch_size: int, epochs: float) -> tuple[int,
 
 def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epoch: int,
                    batch_size: int, history_len: int, seed: int, levels: int = 1,
-                   stream: int = STREAM) -> Batch:
+                   stream: int = STREAM, label_window: int | None = None) -> Batch:
   """The batch of global step `step`.
 
   Args:
@@ -64,8 +98,11 @@ def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epo
     seed: the run's seed.
     levels: H, columns of the label-weight array.
     stream: salt of the permutation (see STREAM).
+    label_window: W: also return the labels of the next W interactions (`window_labels`);
+      None: labels None. The rest of the batch does not depend on it.
   Returns:
-    Batch with history int32[B, L], target int32[B], weight float32[B, H] (ones), mask bool[B].
+    Batch with history int32[B, L], target int32[B], weight float32[B, H] (ones), mask bool[B],
+    labels int32[B, W] or None.
   """
   epoch, i = divmod(step, steps_per_epoch)
   perm = np.random.default_rng([seed, stream, epoch]).permutation(len(samples))
@@ -76,4 +113,5 @@ def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epo
     idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
   hist, target = train_batch(ds, samples[idx], history_len)
   weight = np.ones((batch_size, levels), np.float32)
-  return Batch(hist.astype(np.int32), target.astype(np.int32), weight, mask)
+  labels = None if label_window is None else window_labels(ds, samples[idx], label_window)
+  return Batch(hist.astype(np.int32), target.astype(np.int32), weight, mask, labels)

@@ -45,7 +45,8 @@ def otm_training_beam(cfg: Config) -> int:
   """The beam size of OTM's training beam search: --otm_beam_size when set, else the retrieval
   --beam_size (OTM's pseudo targets make the search Bayes-optimal only for the beam it trains
   with)."""
-  return cfg.train.otm_beam_size or cfg.eval.beam_size
+  k = cfg.train.otm_beam_size
+  return cfg.eval.beam_size if k is None else k
 
 
 def build_model(cfg: Config, tree: tree_lib.Tree):
@@ -166,11 +167,13 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
   step_cfg = train.StepConfig(
       loss=cfg.train.loss, sampler="uniform" if binary else cfg.train.sampler,
       num_negatives=cfg.train.binary_negatives if binary else cfg.train.num_negatives,
-      full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=otm_training_beam(cfg))
+      full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=otm_training_beam(cfg),
+      ancestor_nodes=cfg.train.otm_ancestor_nodes)
   step = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
                                height=tree.height)
   tree_dev = jax.device_put(tree)
   offset = round_index * total_steps
+  otm_loss = cfg.train.loss == "otm"
   identity = {"config_fingerprint": cfg.fingerprint(), "corpus_fingerprint": corpus_fp,
               "tree_fingerprint": training.fingerprint(np.asarray(tree.item_to_leaf))}
   phrases = {"config_fingerprint": "another configuration",
@@ -186,7 +189,7 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
     batch = batches_lib.batch_for_step(
         ds, samples, offset + s, steps_per_epoch=steps_per_epoch,
         batch_size=cfg.train.batch_size, history_len=cfg.data.history_len, seed=cfg.seed,
-        levels=tree.height)
+        levels=tree.height, label_window=cfg.train.label_window if otm_loss else None)
     if weight_fn is not None:
       batch = batch._replace(weight=np.asarray(weight_fn(batch.history, batch.target,
                                                          tree_dev)))
@@ -308,6 +311,8 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
     settings["otm_training_beam"] = otm_training_beam(cfg)
     settings["otm_training_beam_is_retrieval_beam"] = cfg.train.otm_beam_size in (
         None, cfg.eval.beam_size)
+    settings["otm_ancestor_nodes"] = cfg.train.otm_ancestor_nodes
+    settings["label_window"] = cfg.train.label_window
   final = dict(rounds[-1])
   final["method"] = label
   final["train_seconds"] = total_train + (warm["info"] or {}).get("train_seconds", 0.0)
