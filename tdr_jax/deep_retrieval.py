@@ -266,7 +266,8 @@ def kmeans_paths(vectors: np.ndarray, *, width: int, depth: int, num_paths: int,
   vectors, int64[N, J].
 
   The rows of `vectors` float[N, E] are L2-normalised (direction, not popularity-driven norm,
-  decides; zero rows stay zero). Level 1 splits all items into K clusters by k-means (k-means++
+  decides); zero rows (items without training interactions: no signal) get `random_paths`
+  instead of all sharing one path (90 such items on the default world). Level 1 splits all items into K clusters by k-means (k-means++
   seeding, `iters` Lloyd steps, seeded), level 2 splits each cluster into K, ... for D levels;
   a cluster of at most K distinct vectors gives each its own code (in item order). An item's
   first path is its nearest centroid at every level. Its other J - 1 paths share the first D - 1
@@ -284,9 +285,20 @@ def kmeans_paths(vectors: np.ndarray, *, width: int, depth: int, num_paths: int,
   if not 1 <= num_paths <= total:
     raise InputError(f"num_paths J={num_paths} must lie in [1, K^D={total}]")
   norm = np.linalg.norm(x, axis=1, keepdims=True)
-  x = x / np.where(norm > 0, norm, 1.0)
-  n = len(x)
   rng = np.random.default_rng([seed, 31])
+  out = random_paths(rng, num_items=len(x), num_structure_paths=total, num_paths=num_paths)
+  signal = np.flatnonzero(norm[:, 0] > 0)
+  if len(signal):
+    out[signal] = _kmeans_paths(x[signal] / norm[signal], rng, width=width, depth=depth,
+                                num_paths=num_paths, iters=iters)
+  return out
+
+
+def _kmeans_paths(x: np.ndarray, rng: np.random.Generator, *, width: int, depth: int,
+                  num_paths: int, iters: int) -> np.ndarray:
+  """`kmeans_paths` of unit rows x float64[n, E]: int64[n, J]."""
+  total = width ** depth
+  n = len(x)
   prefix = np.zeros(n, np.int64)  # path-id prefix (base-K number of the codes so far)
   groups = [np.arange(n)]
   for _ in range(depth - 1):

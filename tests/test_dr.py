@@ -253,6 +253,14 @@ def test_kmeans_paths_identical_and_separated_vectors():
   ids = dr.kmeans_paths(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), width=3, depth=1,
                         num_paths=2)
   np.testing.assert_array_equal(ids, [[0, 1], [1, 0], [2, 1]])
+  # Zero vectors (items without training data) get random paths, not one shared path.
+  z = np.vstack([np.zeros((50, 3)), x])
+  ids = dr.kmeans_paths(z, width=3, depth=4, num_paths=2, seed=0)
+  assert len(np.unique(ids[:50, 0])) > 20 and not metrics.repeated_in_row(ids).any()
+  np.testing.assert_array_equal(
+      dr_model.path_codes(ids[50:], width=3, depth=4)[:, 0, 0].reshape(3, 10)[:, 1:],
+      np.repeat(dr_model.path_codes(ids[50:], width=3, depth=4)[:, 0, 0].reshape(3, 10)[:, :1],
+                9, axis=1))
   assert dr.expected_nonempty_paths(num_items=1, num_structure_paths=10, num_paths=3) == \
       pytest.approx(3.0)
 
