@@ -31,8 +31,6 @@ def field(default, help: str, *, choices=None, fingerprint: bool = True, flag: b
   """A config field: its default, help text, enum choices, whether the checkpoint fingerprint
   includes it and whether it is a command-line flag."""
   meta = {"help": help, "choices": choices, "fingerprint": fingerprint, "flag": flag}
-  if isinstance(default, (list, dict)):
-    return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -262,9 +260,10 @@ def validate(cfg: Config) -> None:
     raise InputError(f"windows {cfg.model.windows} sum to {sum(cfg.model.windows)} but "
                      f"history_len is {cfg.data.history_len}; pass --windows that sum to "
                      f"--history_len")
+  values = {n: v for n, v, _ in leaves(cfg)}
   for name in ("tree_rounds", "otm_beam_size", "label_window", "batch_size", "branching",
                "eval_batch_size"):
-    value = dict((n, v) for n, v, _ in leaves(cfg))[name]
+    value = values[name]
     if value is not None and value < (2 if name == "branching" else 1):  # otm_beam_size: unset
       raise InputError(f"--{name}={value} is too small")
   if cfg.tree.warm_start_epochs <= 0:

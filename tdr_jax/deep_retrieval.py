@@ -267,8 +267,8 @@ def kmeans_paths(vectors: np.ndarray, *, width: int, depth: int, num_paths: int,
 
   The rows of `vectors` float[N, E] are L2-normalised (direction, not popularity-driven norm,
   decides); zero rows (items without training interactions: no signal) get `random_paths`
-  instead of all sharing one path (90 such items on the default world). Level 1 splits all items into K clusters by k-means (k-means++
-  seeding, `iters` Lloyd steps, seeded), level 2 splits each cluster into K, ... for D levels;
+  instead of all sharing one path (90 such items on the default world). Level 1 splits all
+  items into K clusters by k-means (k-means++ seeding, `iters` Lloyd steps, seeded), level 2 splits each cluster into K, ... for D levels;
   a cluster of at most K distinct vectors gives each its own code (in item order). An item's
   first path is its nearest centroid at every level. Its other J - 1 paths share the first D - 1
   codes and take, as the last code, the next-nearest centroids of its level-D split (their

@@ -190,13 +190,13 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
   Returns:
     FitResult (`metrics` holds the per-step values of this call's steps, e.g. "loss").
   """
-  with contextlib.ExitStack() as cleanup:  # on every exit, SimulatedCrash and errors too:
-    if checkpointer is not None:              # wait for pending saves, close the manager
+  with contextlib.ExitStack() as cleanup:  # on every exit (SimulatedCrash, errors too) wait
+    if checkpointer is not None:              # for pending saves and close the manager
       cleanup.callback(checkpointer.close)
     mesh = mesh or parallel.make_mesh()
     phased = between is not None and phase_steps
-    if checkpointer is not None and checkpointer.manager.latest_step() is not None:
-      latest = checkpointer.latest_step()
+    latest = checkpointer.latest_step() if checkpointer is not None else None
+    if latest is not None:
       items = checkpointer.restore(latest, {"state": state, "carry": {
           "carry": carry, "phases": np.zeros((), np.int32)}})
       state, carry = items["state"], items["carry"]["carry"]
@@ -223,11 +223,12 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
             "carry": carry, "phases": np.asarray(phases_done, np.int32)}}, force=force)
 
     bar = _Progress(name, total_steps, start, log_every, progress)
+    cleanup.callback(bar.close)
     history: dict[str, list] = {}
     pending: list = []
 
     def flush(step: int) -> float:
-      got = jax.device_get([m for m in pending])
+      got = jax.device_get(pending)
       for i, m in enumerate(got):
         v = float(m["loss"])
         if not np.isfinite(v):
@@ -240,7 +241,6 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
       return float(got[-1]["loss"])
 
     t0 = time.perf_counter()
-    done_since_log = 0
     for step in range(start, total_steps):
       if phased and step >= (phases_done + 1) * phase_steps:
         state, carry = between(phases_done, jax.device_get(state), carry)
@@ -256,22 +256,18 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
       batch = jax.device_put(batch, data_sharding)
       state, m = jit_step(state, batch, aux_dev, base_key)
       pending.append(m)
-      done_since_log += 1
       done = step + 1
       last = done == total_steps
       if len(pending) >= log_every or last:
-        loss = flush(done)
-        bar.update(done, done_since_log, loss, last)
-        done_since_log = 0
+        steps = len(pending)
+        bar.update(done, steps, flush(done), last)
       phase_end = phased and done % phase_steps == 0
       if done % checkpoint_every == 0 or last or phase_end:
         save(done, force=last or phase_end)
       if crash_after and done == crash_after and not last:
-        bar.close()
         raise SimulatedCrash(f"{name}: simulated crash after step {done}")
     state = jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
-    bar.close()
     metrics = {k: np.stack(v) for k, v in history.items()}
     return FitResult(jax.device_get(state), carry, int(total_steps), int(total_steps - start),
                      resumed_from, float(seconds), metrics)

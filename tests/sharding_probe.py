@@ -14,50 +14,14 @@ import types
 import jax
 import numpy as np
 
-from tdr_jax import experiment, parallel, sampling, train, training
-from tdr_jax.methods import tree_family
-from tdr_jax import evaluation
+from tdr_jax import deep_retrieval, evaluation, experiment, parallel, sampling, train, training
 from tdr_jax import tree as tree_lib
-from tdr_jax.data import batches as batches_lib
 from tdr_jax.baselines import din_brute, youtube_dnn
+from tdr_jax.data import batches as batches_lib
+from tdr_jax.methods import tree_family
 from tdr_jax.models import sasrec
 
-
-def probe_tree(data_dir, sampler):
-  """TDR: three train steps through `training.fit` and a sharded beam search."""
-  cfg = experiment.make_config("smoke", data_dir=data_dir, sampler=sampler)
-  ds, _ = experiment.load_data(cfg)
-  tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
-  score_fn, params = tree_family.build_model(cfg, tree)
-  mesh = parallel.make_mesh()
-  opt = train.make_optimizer()
-  step = train.make_train_step(
-      score_fn, opt, train.StepConfig(sampler=sampler, num_negatives=cfg.train.num_negatives,
-                                      full_softmax_nodes=cfg.train.full_softmax_nodes),
-      branching=2, height=tree.height)
-  samples = batches_lib.training_samples(ds, max_train_samples=cfg.data.max_train_samples,
-                                         seed=cfg.seed)
-  seen = []
-
-  def batches(s):
-    b = batches_lib.batch_for_step(ds, samples, s, steps_per_epoch=100,
-                                   batch_size=cfg.train.batch_size, history_len=cfg.data.history_len,
-                                   seed=cfg.seed, levels=tree.height)
-    seen.append(jax.device_put(b, parallel.data_sharded(mesh)))
-    return b
-
-  out = training.fit(lambda st, b, aux, k: step(st, b, aux[0], aux[1], k),
-                     train.init_state(params, opt), batches, total_steps=3,
-                     base_key=jax.random.key(0), aux=(tree, sampling.level_index(tree)),
-                     mesh=mesh, log_every=1)
-  ev = experiment.evaluation_set(cfg, ds)
-  items = evaluation.retrieve(score_fn, out.state.params, tree, ev.history[:32], beam_size=20,
-                              topk=10, batch_size=32, mesh=mesh)
-  return {"losses": out.metrics["loss"].tolist(), "items": items.tolist(),
-          "sharded": str(seen[0].history.sharding)}
-
-
-# The smoke preset's run settings, used by the baseline and SASRec probes.
+# The smoke preset's run settings, used by every probe.
 _SMOKE = dict(seed=0, batch_size=32, history_len=6, max_train_samples=800)
 
 
@@ -69,15 +33,48 @@ def _smoke_users(data_dir, users=32):
   return ds, types.SimpleNamespace(history=np.asarray(ev.history)[:users])
 
 
+def _samples(ds):
+  return batches_lib.training_samples(ds, max_train_samples=_SMOKE["max_train_samples"],
+                                      seed=_SMOKE["seed"])
+
+
 def _batch_sharding(ds, mesh, stream=batches_lib.STREAM):
   """str(sharding) `training.fit` gives a batch of the smoke run's stream on `mesh`."""
-  samples = batches_lib.training_samples(ds, max_train_samples=_SMOKE["max_train_samples"],
-                                         seed=_SMOKE["seed"])
-  b = batches_lib.batch_for_step(ds, samples, 0, steps_per_epoch=25,
+  b = batches_lib.batch_for_step(ds, _samples(ds), 0, steps_per_epoch=25,
                                  batch_size=_SMOKE["batch_size"],
                                  history_len=_SMOKE["history_len"], seed=_SMOKE["seed"],
                                  stream=stream)
   return str(jax.device_put(b, parallel.data_sharded(mesh)).history.sharding)
+
+
+def probe_tree(data_dir, sampler):
+  """TDR: three train steps through `training.fit` and a sharded beam search."""
+  cfg = experiment.make_config("smoke", data_dir=data_dir, sampler=sampler)
+  ds, users = _smoke_users(data_dir)
+  tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
+  score_fn, params = tree_family.build_model(cfg, tree)
+  mesh = parallel.make_mesh()
+  opt = train.make_optimizer()
+  step = train.make_train_step(
+      score_fn, opt, train.StepConfig(sampler=sampler, num_negatives=cfg.train.num_negatives,
+                                      full_softmax_nodes=cfg.train.full_softmax_nodes),
+      branching=2, height=tree.height)
+  samples = _samples(ds)
+
+  def batches(s):
+    return batches_lib.batch_for_step(ds, samples, s, steps_per_epoch=100,
+                                      batch_size=_SMOKE["batch_size"],
+                                      history_len=_SMOKE["history_len"], seed=_SMOKE["seed"],
+                                      levels=tree.height)
+
+  out = training.fit(lambda st, b, aux, k: step(st, b, aux[0], aux[1], k),
+                     train.init_state(params, opt), batches, total_steps=3,
+                     base_key=jax.random.key(0), aux=(tree, sampling.level_index(tree)),
+                     mesh=mesh, log_every=1)
+  items = evaluation.retrieve(score_fn, out.state.params, tree, users.history, beam_size=20,
+                              topk=10, batch_size=32, mesh=mesh)
+  return {"losses": out.metrics["loss"].tolist(), "items": items.tolist(),
+          "sharded": _batch_sharding(ds, mesh)}
 
 
 def probe_youtube_dnn(data_dir):
@@ -115,24 +112,14 @@ def probe_sasrec(data_dir):
 def probe_dr(data_dir):
   """Deep Retrieval: two E-steps of 3 steps around one M-step (`deep_retrieval.fit`), then a
   sharded path beam search + reranking for 32 users."""
-  from tdr_jax import deep_retrieval
-  cfg = experiment.make_config("smoke", data_dir=data_dir)
-  ds, _ = experiment.load_data(cfg)
-  ev = experiment.evaluation_set(cfg, ds)
+  ds, users = _smoke_users(data_dir)
   mesh = parallel.make_mesh()
-  run = dict(seed=0, batch_size=32, history_len=6, max_train_samples=800)  # the smoke run's
   config = deep_retrieval.dr_config("smoke", epochs_per_estep=0.12, em_rounds=1, log_every=1)
-  model = deep_retrieval.fit(ds, config, mesh=mesh, **run)
-  items, _ = deep_retrieval.retrieve(model, np.asarray(ev.history)[:32], topk=10, batch_size=32,
-                                     mesh=mesh)
-  samples = batches_lib.training_samples(ds, max_train_samples=run["max_train_samples"],
-                                         seed=run["seed"])
-  batch = batches_lib.batch_for_step(ds, samples, 0, steps_per_epoch=25,
-                                     batch_size=run["batch_size"],
-                                     history_len=run["history_len"], seed=run["seed"])
+  model = deep_retrieval.fit(ds, config, mesh=mesh, **_SMOKE)
+  items, _ = deep_retrieval.retrieve(model, users.history, topk=10, batch_size=32, mesh=mesh)
   assert model.info["msteps"] == 1 and model.info["steps"] == 6, model.info
   return {"losses": model.info["losses"][:, 0].tolist(), "items": items.tolist(),
-          "sharded": str(jax.device_put(batch, parallel.data_sharded(mesh)).history.sharding)}
+          "sharded": _batch_sharding(ds, mesh)}
 
 
 PROBES = {

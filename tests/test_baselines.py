@@ -138,8 +138,9 @@ def smoke(tmp_path_factory):
 
 
 def _shared(cfg, epochs=4.0):
-  return dict(topk=max(cfg.eval.topk), seed=cfg.seed, history_len=cfg.data.history_len, epochs=epochs,
-              batch_size=cfg.train.batch_size, max_train_samples=cfg.data.max_train_samples)
+  return dict(topk=max(cfg.eval.topk), seed=cfg.seed, history_len=cfg.data.history_len,
+              epochs=epochs, batch_size=cfg.train.batch_size,
+              max_train_samples=cfg.data.max_train_samples)
 
 
 def _recall20(retrieved, ev, ds):
@@ -158,8 +159,8 @@ def youtube_run(smoke, tmp_path_factory):
 def din_run(smoke, tmp_path_factory):
   cfg, ds, ev = smoke
   model = din_brute.fit(ds, seed=cfg.seed, epochs=4.0, batch_size=cfg.train.batch_size,
-                        history_len=cfg.data.history_len, max_train_samples=cfg.data.max_train_samples,
-                        windows=cfg.model.windows, attention_hidden=cfg.model.attention_hidden,
+                        history_len=cfg.data.history_len,
+                        max_train_samples=cfg.data.max_train_samples, windows=cfg.model.windows, attention_hidden=cfg.model.attention_hidden,
                         mlp_hidden=cfg.model.mlp_hidden, num_negatives=50)
   return model, din_brute.retrieve(model, ev, topk=20, batch_size=16)
 
@@ -206,8 +207,8 @@ def test_youtube_dnn_resume_restores_finished_run(smoke, youtube_run):
 def test_youtube_dnn_loss_decreases_and_tower_masks_padding(smoke):
   cfg, ds, ev = smoke
   model = youtube_dnn.fit(ds, seed=1, epochs=3.0, batch_size=cfg.train.batch_size,
-                          history_len=cfg.data.history_len, max_train_samples=cfg.data.max_train_samples,
-                          num_negatives=200, learning_rate=3e-3, log_every=10)
+                          history_len=cfg.data.history_len,
+                          max_train_samples=cfg.data.max_train_samples, num_negatives=200, learning_rate=3e-3, log_every=10)
   losses = model.info["losses"]
   assert len(losses) == 75
   # With the logQ correction the loss estimates the full softmax: ln(N) for a uniform model.
@@ -264,8 +265,8 @@ def test_run_baseline_din_and_argument_checks(smoke, tmp_path):
   cfg, ds, ev = smoke
   retrieved, seconds, settings = run_baseline(
       "din", ds, ev, workdir=str(tmp_path), windows=cfg.model.windows,
-      attention_hidden=cfg.model.attention_hidden, mlp_hidden=cfg.model.mlp_hidden, num_negatives=20,
-      batch_size_eval=32, **dict(_shared(cfg, epochs=0.2), topk=cfg.eval.topk))
+      attention_hidden=cfg.model.attention_hidden, mlp_hidden=cfg.model.mlp_hidden,
+      num_negatives=20, batch_size_eval=32, **dict(_shared(cfg, epochs=0.2), topk=cfg.eval.topk))
   _assert_valid_lists(retrieved, ev.num_users, max(cfg.eval.topk), ds.num_items)
   assert settings["windows"] == list(cfg.model.windows) and settings["steps"] == 5
   json.dumps(settings)

@@ -214,10 +214,14 @@ def test_flags_reach_the_config(run_module):
     flags.unparse_flags()
     flags(["run.py", "--synthetic_world=v1", "--nosynthetic_categories"])
     cfg = run_module.config_from_flags()
-    assert (cfg.data.synthetic_world, cfg.data.synthetic_categories, cfg.data.loader_options) == ("v1", False, ())
+    data = cfg.data
+    assert (data.synthetic_world, data.synthetic_categories, data.loader_options) == (
+        "v1", False, ())
     flags.unparse_flags()
     flags(["run.py"])
     cfg = run_module.config_from_flags()
-    assert (cfg.data.synthetic_world, cfg.data.synthetic_categories, cfg.data.skip_bad_rows) == ("v2", True, False)
+    data = cfg.data
+    assert (data.synthetic_world, data.synthetic_categories, data.skip_bad_rows) == (
+        "v2", True, False)
   finally:
     flags.unparse_flags()

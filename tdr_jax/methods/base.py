@@ -95,7 +95,8 @@ def warm_start_setup(cfg: Config, ds, workdir: str) -> dict:
   vectors, info = None, None
   if cfg.tree.warm_start or kind == "kmeans":
     vectors, info = warm_start.item_vectors(
-        ds, warm_start.WarmStartConfig(model=cfg.tree.warm_start_model, epochs=cfg.tree.warm_start_epochs,
+        ds, warm_start.WarmStartConfig(model=cfg.tree.warm_start_model,
+                                       epochs=cfg.tree.warm_start_epochs,
                                        embed_dim=cfg.model.embed_dim), seed=cfg.seed,
         batch_size=cfg.train.batch_size, history_len=cfg.data.history_len,
         max_train_samples=cfg.data.max_train_samples, workdir=workdir)

@@ -85,19 +85,23 @@ def build_initial_tree(cfg: Config, ds, kind: str, vectors) -> tree_lib.Tree:
   if kind == "category":
     return tree_lib.build_from_categories(rng, ds.item_category, branching=cfg.tree.branching)
   if kind == "kmeans":
-    return tree_lib.build_kmeans(rng, np.asarray(vectors, np.float32), branching=cfg.tree.branching)
+    return tree_lib.build_kmeans(rng, np.asarray(vectors, np.float32),
+                                 branching=cfg.tree.branching)
   return tree_lib.build_random(rng, ds.num_items, branching=cfg.tree.branching)
 
 
 def rectification_setup(cfg: Config, ds, ev, eta, workdir: str):
   """Trains (or restores) the SASRec estimator; returns (weight_fn, [its result row])."""
-  est = sasrec.train_sasrec(ds, history_len=cfg.data.history_len, epochs=cfg.sasrec.sasrec_epochs,
+  est = sasrec.train_sasrec(ds, history_len=cfg.data.history_len,
+                            epochs=cfg.sasrec.sasrec_epochs,
                             batch_size=cfg.train.batch_size, seed=cfg.seed,
                             max_train_samples=cfg.data.max_train_samples, workdir=workdir,
-                            dim=cfg.sasrec.sasrec_dim, checkpoint_every=cfg.train.checkpoint_every,
+                            dim=cfg.sasrec.sasrec_dim,
+                            checkpoint_every=cfg.train.checkpoint_every,
                             log_every=cfg.train.log_every)
   kmax = max(cfg.eval.topk)
-  retrieved = np.asarray(est.retrieve(ev.history, topk=kmax, batch_size=cfg.eval.eval_batch_size))
+  retrieved = np.asarray(est.retrieve(ev.history, topk=kmax,
+                                      batch_size=cfg.eval.eval_batch_size))
   row = result_row("SASRec (estimator)", retrieved, ev, ds, cfg, eta,
                    train_seconds=est.train_seconds,
                    settings={"dim": cfg.sasrec.sasrec_dim, "epochs": cfg.sasrec.sasrec_epochs,
