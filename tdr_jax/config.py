@@ -154,6 +154,14 @@ class DRSection:
                                     "(hierarchical k-means of the warm-start item vectors; "
                                     "default: the DR preset's).",
                                     choices=deep_retrieval.INIT_PATHS)
+  dr_epochs_per_estep: float | None = field(None, "Deep Retrieval epochs per E-step (default: "
+                                            "the DR preset's).")
+  dr_first_estep_epochs: float | None = field(None, "Deep Retrieval epochs of the first E-step, "
+                                              "before the first M-step (default: "
+                                              "--dr_epochs_per_estep).")
+  dr_rerank_esteps: int | None = field(None, "Deep Retrieval: the reranker trains in the first "
+                                       "N E-steps only, then is frozen (paper's schedule: 2 of "
+                                       "4); default: in every E-step.")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "tree": TreeConfig,

@@ -5,8 +5,9 @@ Training (EM)
 -------------
 Paths start random (`init_paths="random"`: J distinct paths per item, seeded) or from
 hierarchical k-means codes of warm-start item vectors (`"kmeans"`, `kmeans_paths`). The run
-is one `training.fit` over `(em_rounds + 1) * steps_per_estep` steps, cut into phases of
-`steps_per_estep` steps:
+is one `training.fit` cut into em_rounds + 1 phases (E-steps) of `epochs_per_estep` epochs
+each, the first optionally longer (`first_estep_epochs`: the network should predict the
+initial paths well before the first M-step reads its scores):
 
 * E-step (a phase): `epochs_per_estep` epochs of Adam on the batches of
   `data.batches.batch_for_step` (the same data stream as the other methods, continued across
@@ -14,7 +15,10 @@ is one `training.fit` over `(em_rounds + 1) * steps_per_estep` steps, cut into p
   fixed. Loss per sample: -log sum_j p(pi_j(y) | x) (multi-path structure objective) plus,
   with the reranker, `rerank_weight` times a sampled softmax over items (uniform negatives
   shared by the batch, logQ correction), i.e. Q = Q_pen + Q_softmax; the path-size penalty
-  does not depend on the network, so it only enters the M-step.
+  does not depend on the network, so it only enters the M-step. With `rerank_esteps = n` the
+  reranker trains in the first n E-steps only and is then frozen (its loss term and updates
+  are zeroed), the paper's schedule (sec. 5: two epochs of both, two of the structure network
+  alone, against the softmax model overfitting).
 * M-step (the hook between phases): every training instance (x, v) is beam-searched with beam
   S (`top_paths`); its S paths and probabilities p(c | x) are accumulated into s[v, c]
   (`score_mode="sum"`: exact sums, then the S best paths per item are kept; `"streaming"`: the
@@ -63,11 +67,12 @@ import functools
 import os
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
@@ -103,6 +108,10 @@ class DRConfig:
   top_paths: int = 10  # S: paths kept per training instance and per item in the M-step
   em_rounds: int = 3  # M-steps; there are em_rounds + 1 E-steps
   epochs_per_estep: float = 1.0
+  first_estep_epochs: float | None = None  # epochs of the first E-step (None: epochs_per_estep)
+  rerank_esteps: int | None = None  # the reranker trains in the first n E-steps only, then is
+  # frozen (the paper's schedule: 2 joint epochs, then 2 of the structure network alone);
+  # None: in every E-step
   embed_dim: int = 32  # item embeddings of the history
   user_dim: int = 64  # user embedding (GRU state / pooled projection)
   path_dim: int = 16  # path embedding per layer
@@ -142,6 +151,10 @@ class DRConfig:
       raise InputError(f"alpha must be >= 0, got {self.alpha}")
     if self.em_rounds < 0 or self.cd_iterations < 1 or self.epochs_per_estep <= 0:
       raise InputError("need em_rounds >= 0, cd_iterations >= 1 and epochs_per_estep > 0")
+    if self.first_estep_epochs is not None and self.first_estep_epochs <= 0:
+      raise InputError(f"first_estep_epochs must be > 0, got {self.first_estep_epochs}")
+    if self.rerank_esteps is not None and self.rerank_esteps < 1:
+      raise InputError(f"rerank_esteps must be >= 1, got {self.rerank_esteps}")
     if self.user_encoder not in structure_net.USER_ENCODERS:
       raise InputError(f"user_encoder={self.user_encoder!r}: choose {structure_net.USER_ENCODERS}")
     if self.init_paths not in INIT_PATHS:
@@ -727,13 +740,15 @@ def retrieve(model: DRModel, history: np.ndarray, *, topk: int, beam_size: int |
 # ---- training ------------------------------------------------------------------------------
 
 def make_loss_fn(graphdef, config: DRConfig, *, num_items: int):
-  """`loss_fn(params, batch, paths, key) -> (loss, aux)`; paths: int32[N, J, D] codes."""
+  """`loss_fn(params, batch, aux, key) -> (loss, metrics)`; aux = (paths: int32[N, J, D]
+  codes, rerank_on: float32[] 1 while the reranker trains, 0 once it is frozen)."""
   m = int(config.rerank_negatives)
   log_q = -float(np.log(num_items))
   softmax_loss = jax.vmap(functools.partial(losses.sampled_softmax_loss, num_samples=m),
                           in_axes=(0, 0, None, 0))
 
-  def loss_fn(params, batch, paths, key):
+  def loss_fn(params, batch, aux, key):
+    paths, rerank_on = aux
     model = nnx.merge(graphdef, params)
     user = structure_net.encode_users(model, batch.history)
     target = jnp.maximum(batch.target, 0)
@@ -750,9 +765,36 @@ def make_loss_fn(graphdef, config: DRConfig, *, num_items: int):
     per = softmax_loss(pos, structure_net.rerank_logits(model, vec, neg), jnp.full((m,), log_q),
                        neg[None, :] != target[:, None])
     soft = jnp.sum(per * mask) / denom
-    return structure + config.rerank_weight * soft, {"structure": structure, "softmax": soft}
+    # A frozen reranker (rerank_on = 0) sends no gradient into the shared user encoder either.
+    return (structure + config.rerank_weight * rerank_on * soft,
+            {"structure": structure, "softmax": soft})
 
   return loss_fn
+
+
+def estep_lengths(config: DRConfig, num_samples: int, *, batch_size: int) -> list[int]:
+  """Steps of each of the em_rounds + 1 E-steps: `first_estep_epochs` (default
+  `epochs_per_estep`) epochs for the first, `epochs_per_estep` for the others."""
+  _, per = batches_lib.steps_for(num_samples, batch_size=batch_size,
+                                 epochs=config.epochs_per_estep)
+  first = per
+  if config.first_estep_epochs is not None:
+    _, first = batches_lib.steps_for(num_samples, batch_size=batch_size,
+                                     epochs=config.first_estep_epochs)
+  return [first] + [per] * config.em_rounds
+
+
+def freeze_after(optimizer: optax.GradientTransformation, steps: int,
+                 frozen: Callable[[str], bool]) -> optax.GradientTransformation:
+  """`optimizer` whose updates of the parameters named `frozen(top-level name)` are zero from
+  update number `steps` on (their moments still advance, unused)."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if frozen(str(getattr(path[0], "key", path[0]))) else "free",
+        params)
+  stop = optax.scale_by_schedule(lambda count: jnp.where(count < steps, 1.0, 0.0))
+  return optax.multi_transform({"free": optimizer, "frozen": optax.chain(optimizer, stop)},
+                               labels)
 
 
 def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_size: int,
@@ -762,6 +804,7 @@ def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_si
   skip = {"beam_size", "eval_batch_size", "checkpoint_every", "log_every"}
   if config.init_paths == "random":  # runs from before the option keep their checkpoints
     skip |= {"init_paths", "init_kmeans_iters"}
+  skip |= {k for k in ("first_estep_epochs", "rerank_esteps") if getattr(config, k) is None}
   return {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
           "fit": {"seed": seed, "history_len": history_len, "batch_size": batch_size,
                   "max_train_samples": max_train_samples},
@@ -782,9 +825,9 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   samples = batches_lib.training_samples(ds, max_train_samples=max_train_samples, seed=seed)
   if len(samples) == 0:
     raise ValueError("the dataset has no training samples")
-  steps_per_epoch, steps_per_estep = batches_lib.steps_for(
-      len(samples), batch_size=batch_size, epochs=config.epochs_per_estep)
-  total_steps = (config.em_rounds + 1) * steps_per_estep
+  phase_steps = estep_lengths(config, len(samples), batch_size=batch_size)
+  steps_per_epoch, _ = batches_lib.steps_for(len(samples), batch_size=batch_size, epochs=1.0)
+  total_steps = sum(phase_steps)
   net = structure_net.StructureNet(
       num_items=ds.num_items, width=config.width, depth=config.depth,
       embed_dim=config.embed_dim, user_dim=config.user_dim, path_dim=config.path_dim,
@@ -794,6 +837,10 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   graphdef, params = nnx.split(net)
   optimizer = train.make_optimizer(learning_rate=config.learning_rate,
                                    decay_steps=steps_per_epoch, decay_rate=config.decay_rate)
+  rerank_esteps = config.rerank_esteps if config.reranker else None
+  if rerank_esteps is not None and rerank_esteps < len(phase_steps):
+    optimizer = freeze_after(optimizer, sum(phase_steps[:rerank_esteps]),
+                             lambda name: name.startswith("rerank_"))
   ids = initial_paths(config, num_items=ds.num_items, seed=seed, item_vectors=item_vectors)
   # The host-side carry of the phases: int32[N, J, D] path codes, int32[] M-steps done.
   carry = {"paths": structure_net.path_codes(ids, width=config.width,
@@ -839,13 +886,14 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
       training.init_state(params, optimizer), batches, total_steps=total_steps,
       base_key=base_key, checkpointer=ckpt, mesh=mesh, checkpoint_every=config.checkpoint_every,
       log_every=config.log_every, crash_after=stop_after_step, name="dr", progress=verbose,
-      phase_steps=steps_per_estep, between=between, carry=carry,
-      make_aux=lambda c: np.asarray(c["paths"], np.int32))
+      phase_steps=phase_steps, between=between, carry=carry,
+      make_aux=lambda c: (np.asarray(c["paths"], np.int32), np.float32(
+          rerank_esteps is None or int(c["msteps"]) < rerank_esteps)))
   names = ("loss", "structure", "softmax")
   losses_arr = (np.stack([out.metrics[k] for k in names], axis=1).astype(np.float32)
                 if out.steps_run else np.zeros((0, len(names)), np.float32))
   info = {"steps": out.steps, "steps_run": out.steps_run,
-          "steps_per_estep": int(steps_per_estep), "msteps": int(out.carry["msteps"]),
+          "steps_per_estep": [int(n) for n in phase_steps], "msteps": int(out.carry["msteps"]),
           "resumed_from_checkpoint": out.resumed_from, "seconds": out.seconds,
           "losses": losses_arr, "msteps_run": mstep_infos}
   return DRModel(graphdef=graphdef, params=jax.tree.map(jnp.asarray, out.state.params),

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -160,11 +160,25 @@ class _Progress:
     self.bar.close()
 
 
+def phase_ends(phase_steps: int | Sequence[int], total_steps: int) -> list[int]:
+  """The global steps at which the phases of `fit` end (the last one is `total_steps`)."""
+  if isinstance(phase_steps, (int, np.integer)):
+    if phase_steps < 1:
+      raise ValueError(f"phase_steps must be >= 1, got {phase_steps}")
+    return list(range(int(phase_steps), total_steps, int(phase_steps))) + [total_steps]
+  lengths = [int(n) for n in phase_steps]
+  if min(lengths, default=0) < 1 or sum(lengths) != total_steps:
+    raise ValueError(f"phase lengths {lengths} must be >= 1 and sum to total_steps="
+                     f"{total_steps}")
+  return list(np.cumsum(lengths))
+
+
 def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_steps: int,
         base_key: jax.Array, aux: Any = None, checkpointer: Checkpointer | None = None,
         mesh: Mesh | None = None, checkpoint_every: int = 500, log_every: int = 50,
         crash_after: int = 0, name: str = "train", progress: bool = False,
-        phase_steps: int | None = None, between: Callable | None = None, carry: Any = None,
+        phase_steps: int | Sequence[int] | None = None, between: Callable | None = None,
+        carry: Any = None,
         make_aux: Callable | None = None) -> FitResult:
   """Trains `state` for `total_steps` steps of `step_fn` (see the module docstring).
 
@@ -183,10 +197,11 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
       is due) unless it is the last step (testing resumption).
     name: label of the progress bar and of error messages.
     progress: show a progress bar (or plain progress lines without a terminal).
-    phase_steps: with `between`: the run is cut into phases of this many steps, and
-      `between(phase, state, carry) -> (state, carry)` runs on the host after every phase but
-      the last (phase = 0, 1, ...). `carry` (a pytree of host arrays) is checkpointed with
-      the state; checkpoint numbers are global step + phases done.
+    phase_steps: with `between`: the run is cut into phases, of this many steps each (an int;
+      the last phase may be shorter) or of the given lengths (a sequence summing to
+      `total_steps`), and `between(phase, state, carry) -> (state, carry)` runs on the host
+      after every phase but the last (phase = 0, 1, ...). `carry` (a pytree of host arrays)
+      is checkpointed with the state; checkpoint numbers are global step + phases done.
   Returns:
     FitResult (`metrics` holds the per-step values of this call's steps, e.g. "loss").
   """
@@ -194,7 +209,8 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
     if checkpointer is not None:              # for pending saves and close the manager
       cleanup.callback(checkpointer.close)
     mesh = mesh or parallel.make_mesh()
-    phased = between is not None and phase_steps
+    ends = phase_ends(phase_steps, total_steps) if between is not None and phase_steps else []
+    phased = bool(ends)
     latest = checkpointer.latest_step() if checkpointer is not None else None
     if latest is not None:
       items = checkpointer.restore(latest, {"state": state, "carry": {
@@ -242,7 +258,7 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
 
     t0 = time.perf_counter()
     for step in range(start, total_steps):
-      if phased and step >= (phases_done + 1) * phase_steps:
+      if phased and phases_done < len(ends) - 1 and step >= ends[phases_done]:
         state, carry = between(phases_done, jax.device_get(state), carry)
         phases_done += 1
         state = parallel.replicate(state, mesh)
@@ -261,7 +277,7 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
       if len(pending) >= log_every or last:
         steps = len(pending)
         bar.update(done, steps, flush(done), last)
-      phase_end = phased and done % phase_steps == 0
+      phase_end = phased and done in ends
       if done % checkpoint_every == 0 or last or phase_end:
         save(done, force=last or phase_end)
       if crash_after and done == crash_after and not last:

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from tdr_jax import deep_retrieval as dr
-from tdr_jax import experiment, metrics, train
+from tdr_jax import experiment, metrics, train, training
 from tdr_jax.models import structure_net as dr_model
 
 # ---- structure network on a tiny structure (K=3, D=3) ---------------------------------------
@@ -89,7 +89,7 @@ def test_multi_path_objective_is_logsumexp_hand_case():
   paths = jnp.array([[[0, 0], [1, 1]], [[0, 1], [1, 0]], [[1, 1], [0, 1]]], jnp.int32)
   batch = train.Batch(jnp.array([[0, 2], [-1, 0]], jnp.int32), jnp.array([1, 1], jnp.int32),
                       jnp.ones((2, 1)), jnp.array([True, False]))
-  loss, aux = loss_fn(params, batch, paths, jax.random.key(0))
+  loss, aux = loss_fn(params, batch, (paths, np.float32(1.0)), jax.random.key(0))
   np.testing.assert_allclose(loss, -math.log(0.35), rtol=1e-6)
   user = dr_model.encode_users(net, batch.history)
   lp = dr_model.path_log_probs(net, user, paths[batch.target])
@@ -327,7 +327,8 @@ def test_run_dr_retrieves_valid_items(smoke, smoke_run):
   assert retrieved.shape == (ev.num_users, run["topk"]) and retrieved.dtype == np.int32
   assert ((retrieved >= 0) & (retrieved < ds.num_items)).all()
   assert not metrics.repeated_in_row(retrieved).any()
-  assert settings["msteps"] == 1 and settings["steps"] == 2 * settings["steps_per_estep"]
+  assert settings["msteps"] == 1 and settings["steps"] == sum(settings["steps_per_estep"])
+  assert len(set(settings["steps_per_estep"])) == 1 and len(settings["steps_per_estep"]) == 2
   stats = settings["path_stats"]
   assert 1 <= stats["max_path_size"] and stats["nonempty_paths"] <= 8 ** 3
   assert settings["candidates_per_user"]["min"] >= run["topk"]
@@ -362,7 +363,7 @@ def test_run_dr_crash_and_resume_match(smoke, smoke_run, tmp_path):
   _, ds, ev, run = smoke
   _, (full, _, full_settings) = smoke_run
   config = dr.dr_config("smoke")
-  steps = full_settings["steps_per_estep"]
+  steps = full_settings["steps_per_estep"][0]
   workdir = str(tmp_path / "dr")
   # Crash at the end of E-step 0 (before the M-step), then mid E-step 1 (after a checkpoint
   # that is not the crash step), then finish.
@@ -377,3 +378,49 @@ def test_run_dr_crash_and_resume_match(smoke, smoke_run, tmp_path):
   # Another configuration refuses the checkpoint.
   with pytest.raises(ValueError, match="another dr run"):
     dr.run_dr(ds, ev, dr.dr_config("smoke", alpha=0.5), workdir=workdir, **run)
+
+
+def test_phase_ends_equal_and_given_lengths():
+  assert training.phase_ends(4, 12) == [4, 8, 12]
+  assert training.phase_ends(5, 12) == [5, 10, 12]  # the last phase may be shorter
+  assert training.phase_ends([6, 3, 3], 12) == [6, 9, 12]
+  with pytest.raises(ValueError, match="sum to"):
+    training.phase_ends([6, 3], 12)
+  with pytest.raises(ValueError, match=">= 1"):
+    training.phase_ends([0, 12], 12)
+
+
+def test_longer_first_estep_and_frozen_reranker(smoke, tmp_path):
+  """first_estep_epochs=2 makes E-step 0 twice as long (the M-step comes after it);
+  rerank_esteps=1 freezes the reranker after E-step 0: its parameters equal those of a run
+  that stops after E-step 0, while the structure network keeps training. A crash at the end
+  of the long first E-step resumes to the uninterrupted run."""
+  _, ds, ev, run = smoke
+  fit_args = dict(seed=run["seed"], history_len=run["history_len"],
+                  batch_size=run["batch_size"], max_train_samples=run["max_train_samples"])
+  config = dr.dr_config("smoke", first_estep_epochs=2.0, rerank_esteps=1)
+  full = dr.fit(ds, config, workdir=None, **fit_args)
+  first, per = full.info["steps_per_estep"]
+  assert first == 2 * per and full.info["msteps"] == 1 and full.info["steps"] == first + per
+  only_first = dr.fit(ds, dr.dr_config("smoke", first_estep_epochs=2.0, rerank_esteps=1,
+                                       em_rounds=0), workdir=None, **fit_args)
+
+  def part(model, rerank):
+    flat = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat
+            if jax.tree_util.keystr(p).startswith("['rerank_") == rerank}
+
+  frozen, stopped = part(full, True), part(only_first, True)
+  assert frozen and frozen.keys() == stopped.keys()
+  for k in frozen:
+    np.testing.assert_allclose(frozen[k], stopped[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  moved = part(full, False)
+  assert any(not np.allclose(moved[k], v) for k, v in part(only_first, False).items())
+  workdir = str(tmp_path / "dr")
+  with pytest.raises(dr.SimulatedCrash):
+    dr.fit(ds, config, workdir=workdir, stop_after_step=first, **fit_args)
+  again = dr.fit(ds, config, workdir=workdir, **fit_args)
+  assert again.info["resumed_from_checkpoint"] == first
+  np.testing.assert_array_equal(again.paths, full.paths)
+  for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(full.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -26,7 +26,10 @@ def dr_settings(cfg: Config) -> tuple[str, deep_retrieval.DRConfig]:
   return preset, deep_retrieval.dr_config(preset, alpha=cfg.dr.dr_alpha,
                                           beam_size=cfg.dr.dr_beam_size,
                                           em_rounds=cfg.dr.dr_em_rounds,
-                                          init_paths=cfg.dr.dr_init_paths)
+                                          init_paths=cfg.dr.dr_init_paths,
+                                          epochs_per_estep=cfg.dr.dr_epochs_per_estep,
+                                          first_estep_epochs=cfg.dr.dr_first_estep_epochs,
+                                          rerank_esteps=cfg.dr.dr_rerank_esteps)
 
 
 def run(ctx: Context, cfg: Config, workdir: str) -> dict:
