@@ -89,8 +89,14 @@ class TrainConfig:
                                    "OTM Algorithm 1).")
   label_window: int = field(1, "OTM: multi-label training instances, labels = the distinct "
                             "items of the next W interactions (1: the next item only).")
-  rectify: bool = field(False, "TDR(T-RL): rectified labels (Eq. 15) from a SASRec estimator "
-                        "trained once per workdir.")
+  rectify: bool = field(False, "TDR(T-RL): rectified labels (Eq. 15) at the levels from the "
+                        "retrieval beam search's start level down (the levels above keep "
+                        "plain labels).")
+  rectify_estimator: str = field("sasrec", "Estimator of eta for --rectify: a SASRec model "
+                                 "trained once per workdir, or exact (the synthetic "
+                                 "generator's true next-item probabilities; synthetic data "
+                                 "only). Recorded in the round checkpoints of rectified runs.",
+                                 choices=("sasrec", "exact"), fingerprint=False)
   checkpoint_every: int = field(500, "Checkpoint period in steps.", fingerprint=False)
   log_every: int = field(50, "Steps between host syncs (loss checks, progress).",
                          fingerprint=False)
@@ -276,6 +282,9 @@ def validate(cfg: Config) -> None:
       raise InputError(f"--{name}={value} is too small")
   if cfg.tree.warm_start_epochs <= 0:
     raise InputError(f"--warm_start_epochs={cfg.tree.warm_start_epochs} must be positive")
+  if cfg.train.rectify_estimator == "exact" and cfg.data.dataset != "synthetic":
+    raise InputError(f"--rectify_estimator=exact needs the synthetic generator's eta; "
+                     f"--dataset={cfg.data.dataset} has none (use --rectify_estimator=sasrec)")
   if cfg.eval.beam_size < max(cfg.eval.topk):
     raise InputError(f"--beam_size={cfg.eval.beam_size} must be at least "
                      f"max(--topk)={max(cfg.eval.topk)}")

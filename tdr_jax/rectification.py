@@ -22,6 +22,11 @@ Conventions
   label of a node is ``(#maximizers) * max`` instead of ``max``. A NaN eta_y gives weight 0
   above the leaf level.
 * Level H (the leaf) always gets weight 1: the leaf's subtree is y alone.
+* Levels ``j < first_level`` keep the plain label (weight 1). Beam search (node scores)
+  never scores the levels above its start level s = ``beam_search.start_level(...)`` (the first
+  level with more nodes than the beam) and ranks level s whole before keeping the best k, so
+  the first pruning is at level s: the max-heap property matters from s down, and the levels
+  above it are trained as plain labels (:func:`first_rectified_level`).
 * A target outside ``[0, N)`` (e.g. ``-1`` padding) gets weight 0 at every level.
 
 All functions are pure ``jnp`` and jit-safe: pass the tree as an argument (its
@@ -33,9 +38,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tdr_jax import beam_search as bs
 from tdr_jax import tree as tree_lib
 
 __all__ = [
+    "first_rectified_level",
     "eta_in_leaf_order",
     "subtree_max_eta",
     "subtree_max_nodes",
@@ -94,7 +101,20 @@ def subtree_max_nodes(eta: jax.Array, tree: tree_lib.Tree) -> jax.Array:
   return jnp.concatenate(levels, axis=1)
 
 
-def rectified_weights(eta: jax.Array, targets: jax.Array, tree: tree_lib.Tree) -> jax.Array:
+def first_rectified_level(*, branching: int, height: int, beam_size: int) -> int:
+  """The first tree level whose labels need rectification under a beam of ``beam_size``.
+
+  It is the beam search's start level s (``beam_search.start_level``): levels ``j < s`` are
+  never scored, level s is scored whole and cut to the best ``beam_size`` nodes, so the first
+  pruning (where a summed label can push an ancestor of a top item out of the beam) is at s.
+  When no level above the leaves has more than ``beam_size`` nodes, s is the leaf level H,
+  whose label is 1 under both schemes: the weights are then the plain ones.
+  """
+  return bs.start_level(branching=branching, height=height, beam_size=beam_size)
+
+
+def rectified_weights(eta: jax.Array, targets: jax.Array, tree: tree_lib.Tree, *,
+                      first_level: int = 1) -> jax.Array:
   """Rectified label weights (Eq. 15, unnormalized) of a batch of samples.
 
   Args:
@@ -102,11 +122,18 @@ def rectified_weights(eta: jax.Array, targets: jax.Array, tree: tree_lib.Tree) -
       increasing transform of them, e.g. logits).
     targets: int[U] the target item y of each sample.
     tree: the tree index.
+    first_level: levels ``j < first_level`` keep the plain label 1; levels
+      ``first_level..H`` are rectified (static; 0 or 1: every level). See
+      :func:`first_rectified_level`.
   Returns:
-    float32[U, H]: column ``j - 1`` is 1 where y attains the maximum of eta over the
-    subtree of its level-``j`` ancestor (ties: every maximizer gets 1), else 0. Level H is
-    always 1 for a valid target; invalid targets (outside [0, N)) get all zeros.
+    float32[U, H]: column ``j - 1`` is, for ``j >= first_level``, 1 where y attains the
+    maximum of eta over the subtree of its level-``j`` ancestor (ties: every maximizer gets
+    1), else 0; for ``j < first_level`` it is 1. Level H is always 1 for a valid target;
+    invalid targets (outside [0, N)) get all zeros.
   """
+  first_level = int(first_level)
+  if first_level < 0:
+    raise ValueError(f"first_level must be >= 0, got {first_level}")
   eta = jnp.asarray(eta)
   targets = jnp.asarray(targets).astype(jnp.int32)
   if targets.shape != (eta.shape[0],):
@@ -122,6 +149,9 @@ def rectified_weights(eta: jax.Array, targets: jax.Array, tree: tree_lib.Tree) -
   eta_y = jnp.take_along_axis(eta_leaf, leaf[:, None], axis=1)[:, 0]  # [U]
   cols = []
   for j in range(1, h):
+    if j < first_level:
+      cols.append(jnp.ones_like(valid))  # above the first pruning: the plain label
+      continue
     pos = leaf // (b ** (h - j))  # position of y's level-j ancestor inside level j
     sub_max = jnp.take_along_axis(levels[j], pos[:, None], axis=1)[:, 0]  # [U]
     cols.append(eta_y >= sub_max)
@@ -131,14 +161,14 @@ def rectified_weights(eta: jax.Array, targets: jax.Array, tree: tree_lib.Tree) -
 
 
 def expected_node_labels(eta: jax.Array, tree: tree_lib.Tree, *,
-                         rectified: bool = True) -> jax.Array:
+                         rectified: bool = True, first_level: int = 1) -> jax.Array:
   """``float[U, num_nodes]`` expected label of every node under ``y ~ eta(u)``.
 
   Computed from the definition: every item y is taken as the target with probability
   ``eta_y`` and adds ``eta_y * weight_j(u, y)`` to its level-``j`` ancestor, for
-  ``j = 1..H``; ``weight`` is :func:`rectified_weights` (``rectified=True``) or 1 (plain
-  labels, Eq. 13: the expected label is the subtree sum). The root (level 0, never
-  trained) gets the sum of eta. ``eta`` must be probabilities here (it weights the sum).
+  ``j = 1..H``; ``weight`` is :func:`rectified_weights` (``rectified=True``, from
+  ``first_level`` down) or 1 (plain labels, Eq. 13: the expected label is the subtree sum).
+  The root (level 0, never trained) gets the sum of eta. ``eta`` must be probabilities here (it weights the sum).
   Cost ``O(U * N * H)``: an analysis / testing helper, not a training-time function.
   """
   eta = jnp.asarray(eta, jnp.float32)
@@ -147,7 +177,8 @@ def expected_node_labels(eta: jax.Array, tree: tree_lib.Tree, *,
   items = jnp.arange(n, dtype=jnp.int32)
   if rectified:
     # Every (user, item) pair as one sample: [U*N] rows.
-    w = rectified_weights(jnp.repeat(eta, n, axis=0), jnp.tile(items, num_users), tree)
+    w = rectified_weights(jnp.repeat(eta, n, axis=0), jnp.tile(items, num_users), tree,
+                          first_level=first_level)
     w = w.reshape(num_users, n, h)  # [U*N, H] -> [U, N, H]
   else:
     w = jnp.ones((num_users, n, h), jnp.float32)

@@ -28,12 +28,24 @@ def test_sections_and_flat_overrides():
 def test_fingerprint_skips_fields_marked_in_metadata():
   base = config_lib.make_config("smoke")
   skipped = {n for n, _, f in config_lib.leaves(base) if not f.metadata["fingerprint"]}
+  # rectify_estimator changes the trained model but only with --rectify, whose round
+  # checkpoints record it (with the first rectified level) instead.
   assert {"epochs", "beam_size", "topk", "eval_batch_size", "max_eval_users",
-          "checkpoint_every", "log_every", "data_dir", "preset", "stop_after_step"} == skipped
+          "checkpoint_every", "log_every", "data_dir", "preset", "stop_after_step",
+          "rectify_estimator"} == skipped
   assert base.replace(beam_size=40, epochs=3.0, topk=(1,)).fingerprint() == base.fingerprint()
   for change in (dict(num_negatives=5), dict(embed_dim=8), dict(tree_gap=2), dict(seed=1),
                  dict(dr_alpha=0.5), dict(loader_options=(("a", 1),))):
     assert base.replace(**change).fingerprint() != base.fingerprint(), change
+
+
+def test_exact_rectify_estimator_needs_synthetic_data():
+  assert config_lib.make_config("smoke", rectify_estimator="exact").train.rectify_estimator == (
+      "exact")
+  with pytest.raises(InputError, match=r"^--rectify_estimator=exact .*--dataset=movielens"):
+    config_lib.make_config("smoke", dataset="movielens", rectify_estimator="exact")
+  with pytest.raises(InputError, match="--rectify_estimator='best'"):
+    config_lib.make_config("smoke", rectify_estimator="best")
 
 
 def test_every_field_is_a_flag_of_its_type():

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from tdr_jax import experiment
+from tdr_jax import rectification
 from tdr_jax import report
+from tdr_jax import tree as tree_lib
 from tdr_jax.data import batches
+from tdr_jax.data import synthetic
+from tdr_jax.errors import InputError
 from tdr_jax.methods import tree_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,32 +129,78 @@ def test_run_binary_smoke(data_dir, tmp_path):
   assert bad.returncode != 0 and "windows" in bad.stderr
 
 
-def test_rectified_run(data_dir, tmp_path):
-  """--rectify trains the SASRec estimator, feeds Eq. 15 weights (not all ones) to the loss
-  and reports TDR(T-RL) with the estimator's own row."""
-  cfg = experiment.make_config("smoke", data_dir=data_dir, rectify=True, tree_rounds=1)
-  ds, world = experiment.load_data(cfg)
-  ev = experiment.evaluation_set(cfg, ds)
-  weight_fn, rows = tree_family.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"))
-  assert rows[0]["method"] == "SASRec (estimator)"
-  from tdr_jax import tree as tree_lib
-  tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
+def _first_batch(cfg, ds, tree):
+  """The batch of step 0 of a 10-step epoch and its training-sample ids."""
   samples = batches.training_samples(ds, max_train_samples=cfg.data.max_train_samples,
                                      seed=cfg.seed)
   batch = batches.batch_for_step(ds, samples, 0, steps_per_epoch=10,
                                  batch_size=cfg.train.batch_size,
                                  history_len=cfg.data.history_len, seed=cfg.seed,
                                  levels=tree.height)
-  w = np.asarray(weight_fn(batch.history, batch.target, tree))
+  idx, _ = batches.step_indices(len(samples), 0, steps_per_epoch=10,
+                                batch_size=cfg.train.batch_size, seed=cfg.seed)
+  # The ids are the batch's own samples: their targets are the batch's.
+  np.testing.assert_array_equal(ds.seq_items[ds.train_sample_pos[samples[idx]]], batch.target)
+  return batch, samples[idx]
+
+
+def test_rectified_run(data_dir, tmp_path):
+  """--rectify trains the SASRec estimator, feeds Eq. 15 weights (not all ones) from the beam
+  search's start level down to the loss and reports TDR(T-RL) with the estimator's own row."""
+  cfg = experiment.make_config("smoke", data_dir=data_dir, rectify=True, tree_rounds=1)
+  ds, world = experiment.load_data(cfg)
+  ev = experiment.evaluation_set(cfg, ds)
+  weight_fn, rows = tree_family.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"))
+  assert rows[0]["method"] == "SASRec (estimator)"
+  tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
+  batch, sample_ids = _first_batch(cfg, ds, tree)
+  w = np.asarray(weight_fn(batch.history, batch.target, tree, sample_ids=sample_ids))
+  # Smoke: beam 20, B = 2, H = 9: level 5 (32 nodes) is the first the beam search prunes.
+  first = tree_family.rectify_from_level(cfg, tree)
+  assert (tree.height, first) == (9, 5)
   assert w.shape == (cfg.train.batch_size, tree.height)
   assert set(np.unique(w)) <= {0.0, 1.0}
+  assert np.all(w[:, :first - 1] == 1.0)  # levels 1..4: plain labels
   assert np.all(w[:, -1] == 1.0)  # the leaf level is always the subtree maximum
-  assert 0.0 < w.mean() < 1.0
-  # Monotone: once an item is not its subtree's best at level j, it is not at levels above.
-  assert np.all(np.diff(w, axis=1) >= 0)
+  assert 0.0 < w[:, first - 1:-1].mean() < 1.0
+  # Rectified levels are monotone: once an item is not its subtree's best at level j, it is
+  # not at the levels above (down to the first rectified one).
+  assert np.all(np.diff(w[:, first - 1:], axis=1) >= 0)
   results = experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
   methods = [r["method"] for r in results["results"]]
   assert methods[0] == "TDR(T-RL)" and "SASRec (estimator)" in methods
+  settings = results["results"][0]["settings"]
+  assert (settings["rectify_estimator"], settings["rectify_from_level"]) == ("sasrec", 5)
+
+
+def test_rectified_run_with_the_exact_eta(data_dir, tmp_path):
+  """--rectify_estimator=exact: the weights are Eq. 15 of the generator's next-item eta given
+  each sample's whole prefix; no estimator is trained; the rows say which estimator."""
+  cfg = experiment.make_config("smoke", data_dir=data_dir, rectify=True, tree_rounds=1,
+                               rectify_estimator="exact")
+  ds, world = experiment.load_data(cfg)
+  ev = experiment.evaluation_set(cfg, ds)
+  with pytest.raises(InputError, match="--rectify_estimator=exact"):
+    tree_family.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"), world=None)
+  weight_fn, rows = tree_family.rectification_setup(cfg, ds, ev, None, str(tmp_path / "est"),
+                                                    world=world)
+  assert rows == [] and not os.path.exists(tmp_path / "est")
+  tree = tree_lib.build_from_categories(np.random.default_rng(0), ds.item_category)
+  batch, sample_ids = _first_batch(cfg, ds, tree)
+  w = np.asarray(weight_fn(batch.history, batch.target, tree, sample_ids=sample_ids))
+  # Reference: the oracle's eta (horizon 1) of each sample's whole prefix, one user at a time.
+  prefixes = [ds.seq_items[ds.train_sample_start[i]:ds.train_sample_pos[i]] for i in sample_ids]
+  assert max(len(p) for p in prefixes) > cfg.data.history_len  # longer than the window
+  eta = synthetic.dataset_eta(world, ds.item_raw_ids, prefixes, horizons=[1] * len(prefixes))
+  want = rectification.rectified_weights(eta.astype(np.float32), batch.target, tree,
+                                         first_level=5)
+  np.testing.assert_array_equal(w, want)
+  assert 0.0 < w[:, 4:-1].mean() < 1.0 and np.all(w[:, :4] == 1.0)
+  results = experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
+  methods = [r["method"] for r in results["results"]]
+  assert methods[0] == "TDR(T-RL)" and "SASRec (estimator)" not in methods
+  settings = results["results"][0]["settings"]
+  assert (settings["rectify_estimator"], settings["rectify_from_level"]) == ("exact", 5)
 
 
 def test_all_methods_one_table(data_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,6 +123,34 @@ def test_rectified_weights_jit_and_single_level_tree():
                                 rect.rectified_weights(eta, np.arange(8), tree8))
 
 
+def test_first_rectified_level_is_the_beam_start_level():
+  # B = 2, H = 3: levels 1, 2, 3 hold 2, 4, 8 nodes. The first level with more nodes than
+  # the beam is scored whole and cut to the beam: rectification starts there.
+  assert [rect.first_rectified_level(branching=2, height=3, beam_size=k)
+          for k in (1, 2, 3, 4, 7, 8, 150)] == [1, 2, 2, 3, 3, 3, 3]
+  assert rect.first_rectified_level(branching=4, height=5, beam_size=60) == 3  # 64 > 60
+
+
+def test_levels_above_the_first_rectified_level_keep_plain_labels():
+  tree = identity_tree()
+  eta = np.tile(PROP1_ETA, (9, 1))
+  targets = np.concatenate([np.arange(8), [-1]])
+  # Eq. 15 at every level (the hand-computed table above), then with plain levels on top.
+  every = np.array([[1, 1, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1],
+                    [0, 1, 1], [0, 0, 1], [0, 0, 0]], np.float32)
+  from_2 = every.copy()
+  from_2[:8, 0] = 1  # level 1 plain
+  from_3 = every.copy()
+  from_3[:8, :2] = 1  # levels 1 and 2 plain; the leaf is 1 either way
+  for first, want in ((0, every), (1, every), (2, from_2), (3, from_3), (4, from_3)):
+    np.testing.assert_array_equal(rect.rectified_weights(eta, targets, tree, first_level=first),
+                                  want, err_msg=f"first_level={first}")
+  jitted = jax.jit(rect.rectified_weights, static_argnames="first_level")
+  np.testing.assert_array_equal(jitted(eta, targets, tree, first_level=2), from_2)
+  with pytest.raises(ValueError, match="first_level"):
+    rect.rectified_weights(eta, targets, tree, first_level=-1)
+
+
 # ---------------------------------------------------------------------------- Proposition 1
 
 
@@ -153,6 +182,39 @@ def test_beam_search_on_expected_rectified_labels_is_bayes_optimal():
   plain_scores = rect.expected_node_labels(eta, tree, rectified=False)
   items, _ = bs.beam_search(table_score, plain_scores, tree, history, beam_size=3, topk=3)
   assert set(np.asarray(items[0]).tolist()) == {0, 3, 6}  # items {1, 4, 7}: sub-optimal
+
+
+def test_rectifying_from_the_beam_start_level_is_enough_and_needed():
+  # Beam 3 on the 8-leaf tree starts at level 2 (4 nodes, scored whole, cut to 3).
+  tree = identity_tree()
+  eta = PROP1_ETA[None]
+  history = jnp.zeros((1, 1), jnp.int32)
+  s = rect.first_rectified_level(branching=2, height=3, beam_size=3)
+  assert s == 2
+  # Plain level 1 (sums 0.51, 0.49) is never scored: beam search is still Bayes optimal.
+  scores = rect.expected_node_labels(eta, tree, first_level=s)
+  np.testing.assert_allclose(np.asarray(scores)[0, 1:3], [0.51, 0.49], atol=1e-6)
+  items, _ = bs.beam_search(table_score, scores, tree, history, beam_size=3, topk=3)
+  assert set(np.asarray(items[0]).tolist()) == {0, 3, 4}
+  # Plain labels at the start level too (sums 0.21, 0.30, 0.19, 0.30): the cut to 3 nodes
+  # keeps {0,1}, {2,3}, {6,7} and loses item 4 (0.19), as with plain labels everywhere.
+  scores = rect.expected_node_labels(eta, tree, first_level=s + 1)
+  items, _ = bs.beam_search(table_score, scores, tree, history, beam_size=3, topk=3)
+  assert set(np.asarray(items[0]).tolist()) == {0, 3, 6}
+
+
+def test_beam_search_is_bayes_optimal_when_rectified_from_its_start_level():
+  history = jnp.zeros((2, 1), jnp.int32)
+  for branching, n, beam, seed in ((2, 40, 5, 0), (3, 50, 4, 1), (2, 29, 3, 2)):
+    rng = np.random.default_rng(seed)
+    tree = tree_lib.from_leaf_order(rng.permutation(n), branching=branching)
+    eta = rng.dirichlet(np.full(n, 0.3), size=2).astype(np.float32)  # distinct values
+    s = rect.first_rectified_level(branching=branching, height=tree.height, beam_size=beam)
+    assert 1 < s < tree.height  # some plain levels, some rectified ones
+    scores = rect.expected_node_labels(eta, tree, first_level=s)
+    items, _ = bs.beam_search(table_score, scores, tree, history, beam_size=beam, topk=beam)
+    for u in range(2):
+      assert set(np.asarray(items[u]).tolist()) == set(np.argsort(-eta[u])[:beam].tolist())
 
 
 # ---------------------------------------------------------------------------- property

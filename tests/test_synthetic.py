@@ -208,3 +208,33 @@ def test_no_category_variant_loads_through_csv_loader(tmp_path):
   ds2 = datasets.load_dataset("csv", folder2, min_user_interactions=15, seed=0)
   np.testing.assert_array_equal(ds2.seq_items, ds.seq_items)
   assert len(np.unique(ds2.item_category)) > 10
+
+
+@pytest.mark.parametrize("tiny", [TINY, TINY_V2], ids=["v1", "v2"])
+@pytest.mark.parametrize("drift", [0.0, 0.2])
+def test_batched_next_predictive_matches_enumeration(tiny, drift):
+  # One batch of histories of different lengths (empty, 1, 3, 5): the batched recursion keeps
+  # the shorter ones' run-length posteriors while the longer ones go on.
+  world = synthetic.make_world(dataclasses.replace(tiny, drift=drift))
+  clusters = np.flatnonzero(world.alpha_cluster.reshape(-1) > 0)
+  wanted = [clusters[0], clusters[0], clusters[-1], clusters[0], clusters[len(clusters) // 2]]
+  full = [int(np.flatnonzero(world.item_cluster == k)[-1]) for k in wanted]
+  hists = [full[:0], full[:1], full[2:], full]
+  got = synthetic.next_cluster_probs(world, hists)  # [4, K]
+  assert got.shape == (4, world.num_cluster_ids)
+  np.testing.assert_allclose(got[0], world.prior_cluster_probs(), rtol=1e-12)
+  for h, row in zip(hists[1:], got[1:]):
+    want = np.bincount(world.item_cluster, weights=_brute_force_eta(world, h, 1),
+                       minlength=world.num_cluster_ids)
+    np.testing.assert_allclose(row, want, rtol=1e-9, atol=1e-12)
+
+
+def test_next_item_eta_is_dataset_eta_of_horizon_one():
+  world = synthetic.make_world(synthetic.world_config("v2", num_users=50, num_items=300, seed=2))
+  rng = np.random.default_rng(0)
+  raw_ids = np.asarray([str(i) for i in rng.permutation(300)[:250]])  # a corpus of 250 items
+  hists = [rng.integers(0, 250, size=n) for n in (0, 1, 7, 40, 3, 120)]  # dense ids
+  got = synthetic.next_item_eta(world, raw_ids, hists)
+  want = synthetic.dataset_eta(world, raw_ids, hists, horizons=[1] * len(hists))
+  assert got.shape == (6, 250)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)

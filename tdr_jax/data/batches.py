@@ -21,8 +21,8 @@ import numpy as np
 
 from tdr_jax.data.preprocess import Dataset, train_batch, training_samples
 
-__all__ = ["Batch", "STREAM", "batch_for_step", "steps_for", "training_samples",
-           "window_labels"]
+__all__ = ["Batch", "STREAM", "batch_for_step", "step_indices", "steps_for",
+           "training_samples", "window_labels"]
 
 # Salt of the per-epoch permutation `default_rng([seed, stream, epoch])`. The tree methods and
 # the baselines share STREAM; the SASRec estimator has its own (its numbers predate sharing).
@@ -83,6 +83,24 @@ def steps_for(num_samples: int, *, batch_size: int, epochs: float) -> tuple[int,
   return steps_per_epoch, max(1, int(round(epochs * steps_per_epoch)))
 
 
+def step_indices(num_samples: int, step: int, *, steps_per_epoch: int, batch_size: int,
+                 seed: int, stream: int = STREAM) -> tuple[np.ndarray, np.ndarray]:
+  """Which of the run's samples the batch of global step `step` holds (`batch_for_step`).
+
+  Returns:
+    idx: int[B] positions in the run's `samples` array (0 on padding rows).
+    mask: bool[B] False for the padding rows of an epoch's last batch.
+  """
+  epoch, i = divmod(step, steps_per_epoch)
+  perm = np.random.default_rng([seed, stream, epoch]).permutation(num_samples)
+  idx = perm[i * batch_size:(i + 1) * batch_size]
+  mask = np.ones(batch_size, bool)
+  if len(idx) < batch_size:
+    mask[len(idx):] = False
+    idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+  return idx, mask
+
+
 def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epoch: int,
                    batch_size: int, history_len: int, seed: int, levels: int = 1,
                    stream: int = STREAM, label_window: int | None = None) -> Batch:
@@ -104,13 +122,8 @@ def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epo
     Batch with history int32[B, L], target int32[B], weight float32[B, H] (ones), mask bool[B],
     labels int32[B, W] or None.
   """
-  epoch, i = divmod(step, steps_per_epoch)
-  perm = np.random.default_rng([seed, stream, epoch]).permutation(len(samples))
-  idx = perm[i * batch_size:(i + 1) * batch_size]
-  mask = np.ones(batch_size, bool)
-  if len(idx) < batch_size:
-    mask[len(idx):] = False
-    idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+  idx, mask = step_indices(len(samples), step, steps_per_epoch=steps_per_epoch,
+                           batch_size=batch_size, seed=seed, stream=stream)
   hist, target = train_batch(ds, samples[idx], history_len)
   weight = np.ones((batch_size, levels), np.float32)
   labels = None if label_window is None else window_labels(ds, samples[idx], label_window)

@@ -431,3 +431,100 @@ def dataset_eta(world: SyntheticWorld, item_raw_ids: np.ndarray, histories: Iter
   full = world.eta(gen_hist, horizons=horizons)
   eta = full[:, gen_ids]
   return eta / eta.sum(1, keepdims=True)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  """log(sum(exp(x), axis=-1)) of finite rows float[..., M] -> float[...]."""
+  m = x.max(axis=-1)
+  return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+
+
+def next_cluster_probs(world: SyntheticWorld, histories: Sequence[Sequence[int]]) -> np.ndarray:
+  """P(cluster of the next interaction | the whole history), for a batch of histories.
+
+  The same quantity as ``world.cluster_predictive(h, horizon=1)`` for every ``h``, computed for
+  the batch at once: the change-point recursion runs over positions for the histories still
+  longer than the position (the others keep their run-length posterior), and the
+  probability of continuing a segment is taken for the observed cluster only, from the counts
+  of that cluster, its category and its top category in the segment, instead of for all K
+  clusters. Cost O(B * L^2) for the recursion plus O(L * K) per history, where the reference
+  costs O(L^2 * K) per history.
+
+  Args:
+    world: the generator.
+    histories: B histories of generator item ids, oldest first (any lengths, empty allowed).
+  Returns:
+    float64[B, K], rows sum to 1.
+  """
+  cfg = world.config
+  rho = cfg.drift
+  num_k, per_cat = world.num_cluster_ids, cfg.num_clusters
+  per_top = cfg.num_sub * per_cat
+  lengths = np.asarray([len(h) for h in histories], np.int64)
+  num = len(lengths)
+  prior = world.prior_cluster_probs()
+  out = np.tile(prior, (num, 1))
+  if num == 0 or lengths.max() == 0:
+    return out
+  width = int(lengths.max())
+  clus = np.full((num, width), -1, np.int64)  # [B, L] right-padded with -1
+  for b, h in enumerate(histories):
+    clus[b, :len(h)] = world.item_cluster[np.asarray(h, dtype=np.int64)]
+  # Run-length posteriors: column r-1 = log P(run length r) (columns beyond the history's
+  # current position unused).
+  log_w = np.zeros((num, width))
+  if rho > 0.0:
+    a_top, a_sub = world.alpha_top, world.alpha_sub.reshape(-1)  # [T], [C]
+    a_clu = world.alpha_cluster.reshape(-1)  # [K]
+    a_sub_row = world.alpha_sub.sum(-1)  # [T] the sub-level total of each top category
+    a_clu_row = world.alpha_cluster.sum(-1)  # [C] the cluster-level total of each category
+    for t in range(1, width):
+      rows = np.flatnonzero(t < lengths)  # [A] histories with an interaction at position t
+      k = clus[rows, t]  # [A] the cluster of interaction t
+      prev = clus[rows, :t][:, ::-1]  # [A, t] most recent first: column r-1 ends run length r
+      # Counts of k, its category and its top category among the last r interactions (all
+      # t previous entries are real items: the rows are histories longer than t).
+      n_clu = np.cumsum(prev == k[:, None], axis=1)
+      n_cat = np.cumsum(prev // per_cat == (k // per_cat)[:, None], axis=1)
+      n_top = np.cumsum(prev // per_top == (k // per_top)[:, None], axis=1)
+      r = np.arange(1, t + 1, dtype=np.float64)[None, :]
+      top, cat = k // per_top, k // per_cat
+      p_top = (a_top[top][:, None] + n_top) / (a_top.sum() + r)
+      p_sub = (a_sub[cat][:, None] + n_cat) / (a_sub_row[top][:, None] + n_top)
+      p_clu = (a_clu[k][:, None] + n_clu) / (a_clu_row[cat][:, None] + n_cat)
+      old = log_w[rows, :t]  # [A, t] log P(run length 1..t), normalized
+      grow = old + np.log1p(-rho) + np.log(p_top * p_sub * p_clu)
+      reset = _logsumexp(old) + np.log(rho) + np.log(prior[k])
+      new = np.concatenate([reset[:, None], grow], axis=1)  # [A, t + 1]
+      log_w[rows, :t + 1] = new - _logsumexp(new)[:, None]
+  for b in np.flatnonzero(lengths > 0):
+    n = int(lengths[b])
+    onehot = np.zeros((n, num_k))
+    onehot[np.arange(n), clus[b, :n][::-1]] = 1.0
+    seg_counts = np.cumsum(onehot, axis=0)  # [n, K] row r-1: counts of the last r interactions
+    if rho == 0.0:
+      out[b] = world._cluster_probs_from_counts(seg_counts[-1:])[0]
+      continue
+    p_seg = np.exp(log_w[b, :n]) @ world._cluster_probs_from_counts(seg_counts)
+    out[b] = (1.0 - rho) * p_seg + rho * prior
+  return out
+
+
+def next_item_eta(world: SyntheticWorld, item_raw_ids: np.ndarray,
+                  histories: Sequence[np.ndarray]) -> np.ndarray:
+  """Exact eta of the NEXT interaction (horizon 1) over the dataset's dense item ids.
+
+  ``dataset_eta(world, item_raw_ids, histories, [1] * B)`` computed by `next_cluster_probs`
+  (batched, for the training samples of TDR(T-RL) with ``--rectify_estimator=exact``).
+
+  Args:
+    world: the generator.
+    item_raw_ids: [N_dense] raw ids (strings of generator item ids) of the dataset's items.
+    histories: B histories of DENSE item ids, oldest first (the whole prefix, not a window).
+  Returns:
+    float64[B, N_dense]: eta restricted to the corpus and renormalized over it.
+  """
+  gen_ids = np.asarray([int(x) for x in item_raw_ids], dtype=np.int64)
+  clu = next_cluster_probs(world, [gen_ids[np.asarray(h, dtype=np.int64)] for h in histories])
+  eta = clu[:, world.item_cluster[gen_ids]] * world.item_in_cluster_prob[gen_ids][None, :]
+  return eta / eta.sum(1, keepdims=True)

@@ -25,7 +25,9 @@ from tdr_jax import rectification, sampling, scorer, train, training, tree_learn
 from tdr_jax import tree as tree_lib
 from tdr_jax.config import Config
 from tdr_jax.data import batches as batches_lib
+from tdr_jax.data import synthetic
 from tdr_jax.data.preprocess import corpus_fingerprint, train_batch
+from tdr_jax.errors import InputError
 from tdr_jax.evaluation import rerank_all, result_row, retrieve
 from tdr_jax.methods.base import Context, Method, run_samples
 from tdr_jax.models import sasrec
@@ -90,8 +92,43 @@ def build_initial_tree(cfg: Config, ds, kind: str, vectors) -> tree_lib.Tree:
   return tree_lib.build_random(rng, ds.num_items, branching=cfg.tree.branching)
 
 
-def rectification_setup(cfg: Config, ds, ev, eta, workdir: str):
-  """Trains (or restores) the SASRec estimator; returns (weight_fn, [its result row])."""
+def rectify_from_level(cfg: Config, tree: tree_lib.Tree) -> int:
+  """The first tree level with rectified labels: the start level of the retrieval beam search
+  (--beam_size), where it first prunes (`rectification.first_rectified_level`); the levels
+  above keep plain labels."""
+  return rectification.first_rectified_level(branching=tree.branching, height=tree.height,
+                                             beam_size=cfg.eval.beam_size)
+
+
+def rectification_setup(cfg: Config, ds, ev, eta, workdir: str, world=None):
+  """The label weights of TDR(T-RL) (Eq. 15 from `rectify_from_level` down) and the rows of
+  their estimator of eta (--rectify_estimator).
+
+  sasrec: trains (or restores) the SASRec estimator; rows = [its result row]. exact: the
+  synthetic generator's eta of each sample's next interaction given the sample's whole
+  prefix (`synthetic.next_item_eta`); rows = [] (the oracle row retrieves with that eta).
+
+  Returns:
+    (weight_fn, rows): `weight_fn(history int32[B, L], target int32[B], tree, *,
+    sample_ids int[B]) -> float32[B, H]`, where `sample_ids` are the batch's indices into the
+    dataset's training samples (`ds.train_sample_pos`).
+  """
+  weights = jax.jit(rectification.rectified_weights, static_argnames="first_level")
+  if cfg.train.rectify_estimator == "exact":
+    if world is None:
+      raise InputError(f"--rectify_estimator=exact needs the synthetic generator's eta; "
+                       f"--dataset={cfg.data.dataset} has none (use --rectify_estimator=sasrec)")
+
+    def exact_weight_fn(history, target, tree, *, sample_ids):
+      del history  # the exact eta conditions on the whole prefix, not the last L items
+      sample_ids = np.asarray(sample_ids)
+      prefixes = [ds.seq_items[a:b] for a, b in zip(ds.train_sample_start[sample_ids],
+                                                     ds.train_sample_pos[sample_ids])]
+      eta_b = synthetic.next_item_eta(world, ds.item_raw_ids, prefixes)  # [B, N] float64
+      return weights(jnp.asarray(eta_b, jnp.float32), jnp.asarray(target), tree,
+                     first_level=rectify_from_level(cfg, tree))
+
+    return exact_weight_fn, []
   est = sasrec.train_sasrec(ds, history_len=cfg.data.history_len,
                             epochs=cfg.sasrec.sasrec_epochs,
                             batch_size=cfg.train.batch_size, seed=cfg.seed,
@@ -106,11 +143,12 @@ def rectification_setup(cfg: Config, ds, ev, eta, workdir: str):
                    train_seconds=est.train_seconds,
                    settings={"dim": cfg.sasrec.sasrec_dim, "epochs": cfg.sasrec.sasrec_epochs,
                              "steps": est.steps})
-  weights = jax.jit(rectification.rectified_weights)
 
-  def weight_fn(history, target, tree):
+  def weight_fn(history, target, tree, *, sample_ids):
+    del sample_ids
     # Only the order of eta matters for Eq. 15, so the logits are passed as they are.
-    return weights(est.logits(history), jnp.asarray(target), tree)
+    return weights(est.logits(history), jnp.asarray(target), tree,
+                   first_level=rectify_from_level(cfg, tree))
 
   return weight_fn, [row]
 
@@ -161,8 +199,8 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
 
   Round r continues the data stream where round r-1 stopped (its batches are those of global
   steps r*T .. (r+1)*T-1) and draws keys from fold_in(key(seed), r).
-  `weight_fn(history, target, tree) -> float32[B, H]` gives per-level label weights
-  (rectification); None = plain labels (ones)."""
+  `weight_fn(history, target, tree, *, sample_ids) -> float32[B, H]` gives per-level label
+  weights (rectification, `rectification_setup`); None = plain labels (ones)."""
   steps_per_epoch, total_steps = batches_lib.steps_for(
       len(samples), batch_size=cfg.train.batch_size, epochs=cfg.train.epochs)
   optimizer = train.make_optimizer(learning_rate=cfg.train.learning_rate,
@@ -188,6 +226,13 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
     # leaves out (an evaluation setting): the checkpoint records the beam it trained with.
     identity["otm_training_beam"] = str(otm_training_beam(cfg))
     phrases["otm_training_beam"] = "another OTM training beam"
+  if weight_fn is not None:
+    # The estimator and the first rectified level (it depends on the retrieval --beam_size)
+    # change the labels but are outside the config fingerprint: the checkpoint records them.
+    identity["rectify_estimator"] = cfg.train.rectify_estimator
+    identity["rectify_from_level"] = str(rectify_from_level(cfg, tree))
+    phrases["rectify_estimator"] = "another --rectify_estimator"
+    phrases["rectify_from_level"] = "another first rectified level (--beam_size)"
 
   def batches(s: int) -> batches_lib.Batch:
     batch = batches_lib.batch_for_step(
@@ -195,8 +240,11 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
         batch_size=cfg.train.batch_size, history_len=cfg.data.history_len, seed=cfg.seed,
         levels=tree.height, label_window=cfg.train.label_window if otm_loss else None)
     if weight_fn is not None:
-      batch = batch._replace(weight=np.asarray(weight_fn(batch.history, batch.target,
-                                                         tree_dev)))
+      idx, _ = batches_lib.step_indices(len(samples), offset + s,
+                                        steps_per_epoch=steps_per_epoch,
+                                        batch_size=cfg.train.batch_size, seed=cfg.seed)
+      batch = batch._replace(weight=np.asarray(weight_fn(
+          batch.history, batch.target, tree_dev, sample_ids=samples[idx])))
     return batch
 
   ckpt = training.Checkpointer(
@@ -243,7 +291,7 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
   os.makedirs(tree_dir, exist_ok=True)
   weight_fn, estimator_rows = None, []
   if cfg.train.rectify:
-    weight_fn, estimator_rows = rectification_setup(cfg, ds, ev, eta, workdir)
+    weight_fn, estimator_rows = rectification_setup(cfg, ds, ev, eta, workdir, world=world)
   label = method_label(cfg)
   kmax = max(cfg.eval.topk)
   rounds, per_tree, models = [], [], []
@@ -311,6 +359,9 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
               "tree_learning": cfg.tree.tree_learning, "tree_gap": cfg.tree.tree_gap,
               "tree_path_levels": tree_learning_options(cfg)["path_levels"],
               "tree_height": tree.height, "test_users": int(len(ev.users))}
+  if cfg.train.rectify:
+    settings["rectify_estimator"] = cfg.train.rectify_estimator
+    settings["rectify_from_level"] = rectify_from_level(cfg, tree)
   if cfg.train.loss == "otm":
     settings["otm_training_beam"] = otm_training_beam(cfg)
     settings["otm_training_beam_is_retrieval_beam"] = cfg.train.otm_beam_size in (
