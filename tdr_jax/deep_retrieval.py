@@ -47,8 +47,9 @@ Inference
 Beam search with beam B over paths by path log-probability
 (`models.structure_net.beam_search_paths`), the items of the B paths (CSR index path -> items,
 gathered to a static [B, max path size] block with -1 padding and masks, duplicates removed),
-ordered by the reranker's logits (or, without a reranker, by the best path log-probability,
-ties to the lower item id); top K. Users with fewer than K candidates get -1 in the remaining
+ordered by the reranker's logits (or, without a reranker, by the item's likelihood under the
+structure objective, log sum_j p(pi_j(v) | x) over the beam's paths that hold it, ties to the
+lower item id); top K. Users with fewer than K candidates get -1 in the remaining
 slots. User batches are split over the devices of the mesh (`parallel.map_user_batches`).
 
 Checkpoints
@@ -652,6 +653,26 @@ def path_index(ids: np.ndarray, *, num_structure_paths: int) -> tuple[np.ndarray
   return offsets.astype(np.int32), owner[order].astype(np.int32), int(sizes.max(initial=0))
 
 
+def _item_path_log_likelihood(cand: jax.Array, logp: jax.Array, first: jax.Array) -> jax.Array:
+  """log sum_j p(pi_j(v) | x) over the beam's paths holding each item v, the item likelihood
+  the structure objective trains: at the first copy of every item (elsewhere meaningless).
+
+  cand: int32[b, M] candidate items sorted by item (padding sorts last); logp: float[b, M]
+  the log-probability of the path each copy came from (-inf for padding); first: bool[b, M]
+  the first copy of each item.
+  """
+  group = jnp.cumsum(first, axis=1) - 1  # [b, M] index of each copy's item among the row's
+  m = cand.shape[1]
+
+  def row(lp, g):
+    top = jax.ops.segment_max(lp, g, num_segments=m)  # [M] per item
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = jax.ops.segment_sum(jnp.exp(lp - top[g]), g, num_segments=m)
+    return (top + jnp.log(total))[g]
+
+  return jax.vmap(row)(logp, jnp.maximum(group, 0))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "beam", "topk", "max_path_size",
                                              "use_reranker"))
 def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int, topk: int,
@@ -670,7 +691,7 @@ def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int
   b = history.shape[0]
   cand = jnp.where(valid, path_items[pos], model.num_items).reshape(b, -1)  # N = padding
   cand_logp = jnp.where(valid, logp[..., None], -jnp.inf).reshape(b, -1)
-  # Sort by (item, best path first): the first copy of an item carries its best path score.
+  # Sort by item: the copies of an item (one per beam path holding it) become consecutive.
   cand, neg_logp = jax.lax.sort((cand, -cand_logp), dimension=1, num_keys=2)
   keep = cand < model.num_items
   keep = keep & jnp.concatenate([jnp.ones((b, 1), bool), cand[:, 1:] != cand[:, :-1]], axis=1)
@@ -679,7 +700,7 @@ def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int
     score = jnp.where(keep, structure_net.rerank_logits(
         model, structure_net.rerank_user_vectors(model, user), items), -jnp.inf)
   else:
-    score = jnp.where(keep, -neg_logp, -jnp.inf)
+    score = jnp.where(keep, _item_path_log_likelihood(cand, -neg_logp, keep), -jnp.inf)
   k = min(topk, items.shape[1])
   best, idx = jax.lax.top_k(score, k)
   out = jnp.where(jnp.isfinite(best), jnp.take_along_axis(items, idx, axis=1), -1)

@@ -58,6 +58,28 @@ def test_beam_search_equals_exhaustive_when_exact(tiny, beam):
   np.testing.assert_allclose(scores, np.take_along_axis(logp, ids, axis=1), atol=1e-5)
 
 
+def test_path_only_order_is_the_multi_path_likelihood(tiny):
+  # With a beam over all K^D paths every item's J paths are found, so the path-only order is
+  # log sum_j p(pi_j(v) | x) computed exhaustively (ties to the lower item id); items on no
+  # path are not retrieved.
+  net, _, logp = tiny
+  graphdef, params = nnx.split(net)
+  ids = np.array([[0, 13], [13, 26], [5, 6], [7, 8], [1, 2], [2, 1], [20, 21], [22, 3]])
+  config = dr.DRConfig(width=3, depth=3, beam_size=27, num_paths=2, top_paths=2,
+                       reranker=True)
+  model = dr.DRModel(graphdef=graphdef, params=params,
+                     paths=dr_model.path_codes(ids, width=3, depth=3).astype(np.int32),
+                     config=config, info={})
+  got, n = dr.retrieve(model, _HIST, topk=8, use_reranker=False)
+  like = np.logaddexp.reduce(logp[:, ids], axis=2)  # [U, N]
+  expect = np.argsort(-like, axis=1, kind="stable")
+  np.testing.assert_array_equal(got, expect)
+  assert (n == 8).all()
+  # The reranked order is another order of the same candidates.
+  reranked, _ = dr.retrieve(model, _HIST, topk=8)
+  np.testing.assert_array_equal(np.sort(reranked, 1), np.sort(got, 1))
+
+
 def test_beam_search_small_beam_scores_and_padding(tiny):
   net, user, logp = tiny
   codes, scores = dr_model.beam_search_paths(net, user, beam=4)
