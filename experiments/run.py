@@ -10,7 +10,6 @@ workdir written with other settings, no data left after filtering) ends the run 
 """
 
 import os
-import re
 import sys
 import time
 
@@ -18,76 +17,18 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tdr_jax import config as config_lib  # noqa: E402
+# The flags (one per config field, --loader_option, --workdir) and the one-line handling of bad
+# input are experiments/cli.py's, shared with ablate.py.
+from experiments import cli  # noqa: E402
+from experiments.cli import (FLAGS, check_no_arguments, config_from_flags,  # noqa: E402
+                             exit_on_input_error, parse_flags)
 from tdr_jax import experiment  # noqa: E402
-from tdr_jax.data import datasets  # noqa: E402
-from tdr_jax.errors import InputError  # noqa: E402
 
-FLAGS = flags.FLAGS
-# One flag per config field (tdr_jax.config: same names, help from the fields; unset = the
-# preset's value), plus the two below that are not config fields.
-config_lib.define_flags(FLAGS)
-flags.DEFINE_multi_string("loader_option", [], "key=value option of the dataset's loader, "
-                          "repeatable, e.g. --loader_option=actions=0,2 (tmall); a bad key "
-                          "lists the loader's options with their defaults.")
-flags.DEFINE_string("workdir", None, "Output folder; default runs/<dataset>-<method>-<time>. "
-                    "An existing workdir with checkpoints is resumed.")
-
-
-def loader_options_from_flags() -> tuple:
-  """--loader_option values converted to the loader's types, as sorted (key, value) pairs."""
-  dataset = FLAGS.dataset or "synthetic"
-  if dataset not in datasets.DATASETS:
-    raise InputError(f"--dataset={dataset}: unknown dataset; choose from "
-                     f"{', '.join(sorted(datasets.DATASETS))}")
-  if dataset == "synthetic":
-    if FLAGS.loader_option:
-      raise InputError("--loader_option: the synthetic dataset has no loader options "
-                       "(use --dataset=csv to read a csv of your own)")
-    return ()
-  options = datasets.parse_loader_options(dataset, FLAGS.loader_option,
-                                          flag="--loader_option")
-  return tuple(sorted(options.items()))
-
-
-def config_from_flags() -> config_lib.Config:
-  overrides = config_lib.overrides_from_flags(FLAGS)
-  dataset = overrides.get("dataset", "synthetic")
-  overrides.setdefault("data_dir", os.path.join("data", dataset))
-  return config_lib.make_config(overrides.pop("preset", None) or "default",
-                                loader_options=loader_options_from_flags(), **overrides)
-
-
-def fail(message: str):
-  """`error: <message>` as one line on stderr, exit status 2."""
-  sys.stdout.flush()
-  message = re.sub(r"\s*\n\s*", " ", str(message).strip())
-  sys.stderr.write(f"error: {message}\n")
-  sys.stderr.flush()
-  sys.exit(2)
-
-
-def exit_on_input_error(fn, *args):
-  """fn(*args); an InputError (expected bad input) becomes `fail(message)`. Any other
-  exception propagates with its traceback."""
-  try:
-    return fn(*args)
-  except InputError as e:
-    fail(str(e))
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with errors (unknown flag, bad enum or number) as one line, status 2
-  (absl's own parser prints two lines and exits 1)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e))
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags
 
 
 def run(argv):
-  if len(argv) > 1:
-    raise InputError(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+  check_no_arguments(argv)
   config = config_from_flags()
   experiment.parse_methods(config.method)  # before the workdir is made
   workdir = FLAGS.workdir or os.path.join(

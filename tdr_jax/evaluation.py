@@ -5,6 +5,7 @@ users in fixed-size batches split over the device mesh (beam search; forest rera
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +62,36 @@ def retrieve(score_fn, params, tree, history: np.ndarray, *, beam_size: int, top
       lambda h: bs.beam_search(score_fn, params, tree_dev, h, beam_size=beam_size,
                                topk=topk, path_scores=path_scores)[0], [history],
       batch_size=batch_size, mesh=mesh)
+
+
+def retrieve_at_beams(score_fn, params, tree, ev, ds, cfg: Config, eta, *, label: str,
+                      beams: Sequence[int], mesh: Mesh, path_scores: bool = False
+                      ) -> list[dict]:
+  """One trained (tree, params) retrieved for the test users `ev` at each beam size: a result
+  row per beam (`label`, `beam_size`, `queries_per_second`, metrics at cfg.eval.topk).
+
+  Each beam's search runs twice: the first call compiles it, the second is timed, so
+  `queries_per_second` = test users / seconds of a compiled search (batches of
+  cfg.eval.eval_batch_size users over the mesh). Its retrieved items are the scored ones."""
+  kmax = max(cfg.eval.topk)
+  rows = []
+  for beam in beams:
+    def search():
+      return retrieve(score_fn, params, tree, ev.history, beam_size=beam, topk=kmax,
+                      batch_size=cfg.eval.eval_batch_size, mesh=mesh, path_scores=path_scores)
+    t0 = time.perf_counter()
+    search()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    retrieved = search()
+    seconds = time.perf_counter() - t0
+    row = result_row(label, retrieved, ev, ds, cfg, eta, train_seconds=0.0,
+                     settings={"beam_size": int(beam), "search_seconds": seconds,
+                               "first_call_seconds": first})
+    row["beam_size"] = int(beam)
+    row["queries_per_second"] = len(ev.users) / max(seconds, 1e-9)
+    rows.append(row)
+  return rows
 
 
 def rerank_all(score_fn, params, tree, history: np.ndarray, candidates: np.ndarray, *,

@@ -21,7 +21,20 @@ from tdr_jax.methods import METHODS, Context, load_data, parse_methods, referenc
 from tdr_jax.training import SimulatedCrash
 
 __all__ = ["Config", "SimulatedCrash", "evaluation_set", "load_data", "make_config",
-           "parse_methods", "train_and_evaluate"]
+           "make_context", "parse_methods", "train_and_evaluate"]
+
+
+def make_context(cfg: Config, workdir: str) -> Context:
+  """Loads the dataset (printing its summary), checks it is usable and builds what the methods
+  of a run share: the test users, their exact eta on synthetic data, the device mesh. The
+  warm start, when a method asks for it, is kept under `workdir`."""
+  ds, world = load_data(cfg)
+  print(datasets.describe(ds, cfg.data.dataset))
+  datasets.check_usable(ds)
+  ev = evaluation_set(cfg, ds)
+  eta = synthetic_eta(world, ds, ev) if world is not None else None
+  return Context(cfg=cfg, ds=ds, world=world, ev=ev, eta=eta, mesh=parallel.make_mesh(),
+                 workdir=workdir)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
@@ -36,13 +49,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg.to_json(), f, indent=1)
-  ds, world = load_data(cfg)
-  print(datasets.describe(ds, cfg.data.dataset))
-  datasets.check_usable(ds)
-  ev = evaluation_set(cfg, ds)
-  eta = synthetic_eta(world, ds, ev) if world is not None else None
-  ctx = Context(cfg=cfg, ds=ds, world=world, ev=ev, eta=eta, mesh=parallel.make_mesh(),
-                workdir=workdir)
+  ctx = make_context(cfg, workdir)
   if any(METHODS[n].warm_start for n in names):
     ctx.warm_start()  # one warm start (and initial-tree choice) shared by the whole table
   rows, estimator_rows, per_method = [], [], {}
@@ -64,5 +71,5 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       row.setdefault("train_seconds", 0.0)
     report.flag_near_popularity(out["rounds"] + popularity, k0)
   return report.write_results(cfg, workdir, rows=rows, warnings=warnings,
-                              per_method=per_method, data_summary=datasets.summary(ds),
-                              num_users=len(ev.users))
+                              per_method=per_method, data_summary=datasets.summary(ctx.ds),
+                              num_users=len(ctx.ev.users))

@@ -26,7 +26,8 @@ class Method:
   label: the row label, or a function of the config (TDR's label names its sampler).
   run: `run(ctx, cfg, workdir) -> dict` with "rows" (results rows, see
     `evaluation.result_row`) and optionally "estimator_rows" and "rounds"/"forest_curve"/
-    "true_cat"/"label" (tree methods: reported per round).
+    "true_cat"/"label" (tree methods: reported per round) and "score_fn"/"models" (tree
+    methods: the scorer and every round's (tree, params), to evaluate them again).
   settings: config fields (flat names) this method sets over the run's config.
   warm_start: whether it uses the shared warm-start item vectors (`Context.warm`).
   """

@@ -395,8 +395,11 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
           point[f"last_tree_{key}"] = rounds[r - 1][key]
       forest_curve.append(point)
     rows.append(frow)
+  # score_fn and models (every round's (tree, host params)): evaluating the trained model at
+  # other settings, e.g. other beam sizes (experiments/ablate.py), without retraining.
   return {"rows": rows, "estimator_rows": estimator_rows, "rounds": rounds,
-          "forest_curve": forest_curve, "true_cat": true_cat, "label": label}
+          "forest_curve": forest_curve, "true_cat": true_cat, "label": label,
+          "score_fn": score_fn, "models": models}
 
 
 def _variant(**settings) -> Method:
