@@ -53,6 +53,7 @@ from experiments import cli  # noqa: E402
 from experiments.cli import (FLAGS, check_no_arguments, config_from_flags,  # noqa: E402
                              exit_on_input_error, parse_flags)
 from tdr_jax import experiment, report, sampler_bias, sampling, train  # noqa: E402
+from tdr_jax import config as config_lib  # noqa: E402
 from tdr_jax import tree as tree_lib  # noqa: E402
 from tdr_jax.config import Config  # noqa: E402
 from tdr_jax.data import batches as batches_lib  # noqa: E402
@@ -208,22 +209,48 @@ def results_path(run: Runner, name: str) -> str:
   return os.path.join(run.root, name, "results.json")
 
 
+# Settings a finished point's results do not depend on (folders, logging, checkpoint period).
+UNRECORDED = ("data_dir", "log_every", "checkpoint_every", "stop_after_step")
+
+
+def point_settings(cfg: Config) -> dict:
+  """The settings a point's results depend on, by flat field name (JSON values)."""
+  return json.loads(json.dumps({name: value for name, value, _ in config_lib.leaves(cfg)
+                                if name not in UNRECORDED}, default=list))
+
+
+def load_done(path: str, cfg: Config) -> dict | None:
+  """The record of a finished point (None if it has no results file yet); InputError when it
+  was written with other settings than `cfg`."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  now, then = point_settings(cfg), record.get("settings", {})
+  differ = [name for name in now if then.get(name) != now[name]]
+  if differ:
+    raise InputError(f"{path} was written with other settings (" + ", ".join(
+        f"--{n}={then.get(n)} not {now[n]}" for n in differ[:4]) + "); use another --workdir "
+        "or the same flags")
+  return record
+
+
 def run_point(run: Runner, point: Point, extra: Callable[[dict, Config], dict] | None = None
               ) -> dict:
   """Trains `point` (or resumes it) and writes its record to its results.json; a point with a
   results file is skipped. `extra(out, cfg)` adds measurements of the trained model."""
   path = results_path(run, point.name)
   head = run.head(point.describe)
-  if os.path.exists(path):
-    print(f"{head}: skipped (done)", flush=True)
-    with open(path) as f:
-      return json.load(f)
   method = METHODS[point.method]
   cfg = run.cfg.replace(**method.settings, **point.overrides)
+  record = load_done(path, cfg)
+  if record is not None:
+    print(f"{head}: skipped (done)", flush=True)
+    return record
   t0 = time.perf_counter()
   out = method.run(run.ctx, cfg, os.path.join(run.root, point.name))
   record = {"point": point.name, "method": point.method, "label": point.label,
-            "value": point.value, "overrides": point.overrides,
+            "value": point.value, "overrides": point.overrides, "settings": point_settings(cfg),
             "row": dict(out["rows"][0], method=point.label)}
   if "rounds" in out:
     record["rounds"] = [dict(r) for r in out["rounds"]]
@@ -414,8 +441,9 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
                    f"per beam would be OTM's own setting, at one training per beam).")
     mcfg = cfg.replace(**method.settings, **overrides)
     label = method.label_for(cfg)
-    missing = [b for b in opts.values if not os.path.exists(
-        results_path(run, os.path.join(name, f"beam-{b}")))]
+    done = {b: load_done(results_path(run, os.path.join(name, f"beam-{b}")), mcfg)
+            for b in opts.values}
+    missing = [b for b in opts.values if done[b] is None]
     out, train_seconds = None, 0.0
     if missing:
       t0 = time.perf_counter()
@@ -427,8 +455,7 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
       head = run.head(f"{name} beam={b}")
       if b not in missing:
         print(f"{head}: skipped (done)", flush=True)
-        with open(path) as f:
-          record = json.load(f)
+        record = done[b]
       else:
         tree, params = out["models"][-1]
         t0 = time.perf_counter()
@@ -439,7 +466,7 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
             path_scores=mcfg.train.loss == "plt")
         row["train_seconds"] = out["rows"][0]["train_seconds"]
         record = {"point": point, "method": name, "label": f"{label} beam={b}", "value": b,
-                  "overrides": overrides, "row": row,
+                  "overrides": overrides, "settings": point_settings(mcfg), "row": row,
                   "queries_per_second": row["queries_per_second"],
                   "train_and_restore_seconds": train_seconds,
                   "seconds": time.perf_counter() - t0}

@@ -157,6 +157,9 @@ def test_negatives_sweep(sweeps, ablate, capsys, monkeypatch):
   assert lines == ["[1/2] negatives tdr_u m=3: skipped (done)",
                    "[2/2] negatives tdr_u m=4: skipped (done)"]
   assert again["points"] == points
+  # A finished point is not reused under other settings: one line naming the flag.
+  with pytest.raises(InputError, match=r"tdr_u-m3.*--epochs=0.3 not 0.5.*another --workdir"):
+    run_ablate(ablate, *sweep_argv("negatives", sweeps["data"], sweeps["work"]), "--epochs=0.5")
 
 
 def test_negatives_of_the_binary_methods(ablate):
