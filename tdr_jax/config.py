@@ -168,6 +168,9 @@ class DRSection:
   dr_rerank_esteps: int | None = field(None, "Deep Retrieval: the reranker trains in the first "
                                        "N E-steps only, then is frozen (paper's schedule: 2 of "
                                        "4); default: in every E-step.")
+  dr_prefix_bias: bool | None = field(None, "Deep Retrieval: a learned logit bias per (path "
+                                      "prefix, code) in every structure layer (an addition "
+                                      "to the paper; default: the DR preset's).")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "tree": TreeConfig,

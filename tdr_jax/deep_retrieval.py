@@ -118,6 +118,7 @@ class DRConfig:
   path_dim: int = 16  # path embedding per layer
   hidden: tuple[int, ...] = (128,)  # hidden widths of each layer's MLP
   user_encoder: str = "gru"  # "gru" or "mean"
+  prefix_bias: bool = False  # a learned logit bias per (path prefix, code) in every layer
   reranker: bool = True
   rerank_dim: int = 32
   rerank_negatives: int = 512
@@ -160,6 +161,10 @@ class DRConfig:
       raise InputError(f"user_encoder={self.user_encoder!r}: choose {structure_net.USER_ENCODERS}")
     if self.init_paths not in INIT_PATHS:
       raise InputError(f"init_paths={self.init_paths!r}: choose {INIT_PATHS}")
+    if self.prefix_bias and structure_net.num_prefixes(self.width, self.depth) * self.width > 10**8:
+      raise InputError(f"prefix_bias needs a table of (K^0 + ... + K^(D-1)) x K = "
+                       f"{structure_net.num_prefixes(self.width, self.depth) * self.width} "
+                       "entries (> 1e8); lower K or D or turn it off")
     if self.init_kmeans_iters < 1:
       raise InputError(f"init_kmeans_iters must be >= 1, got {self.init_kmeans_iters}")
     if self.score_mode not in ("sum", "streaming"):
@@ -826,6 +831,8 @@ def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_si
   if config.init_paths == "random":  # runs from before the option keep their checkpoints
     skip |= {"init_paths", "init_kmeans_iters"}
   skip |= {k for k in ("first_estep_epochs", "rerank_esteps") if getattr(config, k) is None}
+  if not config.prefix_bias:
+    skip.add("prefix_bias")
   return {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
           "fit": {"seed": seed, "history_len": history_len, "batch_size": batch_size,
                   "max_train_samples": max_train_samples},
@@ -853,7 +860,7 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
       num_items=ds.num_items, width=config.width, depth=config.depth,
       embed_dim=config.embed_dim, user_dim=config.user_dim, path_dim=config.path_dim,
       hidden=config.hidden, user_encoder=config.user_encoder,
-      rerank_dim=config.rerank_dim if config.reranker else 0,
+      rerank_dim=config.rerank_dim if config.reranker else 0, prefix_bias=config.prefix_bias,
       rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
   graphdef, params = nnx.split(net)
   optimizer = train.make_optimizer(learning_rate=config.learning_rate,

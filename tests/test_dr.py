@@ -20,11 +20,15 @@ from tdr_jax.models import structure_net as dr_model
 _HIST = np.array([[-1, -1, 2, 3], [1, 2, 3, 4], [-1, -1, -1, -1], [5, 5, 0, 7]], np.int32)
 
 
-@pytest.fixture(scope="module", params=["gru", "mean"])
+@pytest.fixture(scope="module", params=["gru", "mean", "gru+prefix_bias"])
 def tiny(request):
+  encoder = request.param.split("+")[0]
   net = dr_model.StructureNet(num_items=8, width=3, depth=3, embed_dim=4, user_dim=5,
-                              path_dim=3, hidden=(7,), user_encoder=request.param,
-                              rerank_dim=4, rngs=nnx.Rngs(request.param == "gru"))
+                              path_dim=3, hidden=(7,), user_encoder=encoder,
+                              rerank_dim=4, rngs=nnx.Rngs(request.param == "gru"),
+                              prefix_bias="prefix_bias" in request.param)
+  if net.use_prefix_bias:
+    net.prefix_bias[...] = jax.random.normal(jax.random.key(3), net.prefix_bias[...].shape)
   user = dr_model.encode_users(net, jnp.asarray(_HIST))
   return net, user, np.asarray(dr_model.all_path_log_probs(net, user))
 
@@ -117,6 +121,35 @@ def test_multi_path_objective_is_logsumexp_hand_case():
   lp = dr_model.path_log_probs(net, user, paths[batch.target])
   np.testing.assert_allclose(lp[0], [math.log(0.2), math.log(0.15)], rtol=1e-6)
   np.testing.assert_allclose(dr_model.multi_path_log_likelihood(lp)[0], math.log(0.35), rtol=1e-6)
+
+
+def test_prefix_bias_rows_by_hand():
+  # Zero MLP: layer d's logits are the prefix-bias row of c_1..c_{d-1} alone. K=2, D=3: rows
+  # 0 (layer 1), 1-2 (layer 2: c_1), 3-6 (layer 3: 2 c_1 + c_2).
+  net = dr_model.StructureNet(num_items=3, width=2, depth=3, embed_dim=2, user_dim=3,
+                              path_dim=2, hidden=(4,), prefix_bias=True, rngs=nnx.Rngs(0))
+  for k in net.kernels:
+    k[...] = jnp.zeros_like(k[...])
+  for b in net.biases:
+    b[...] = jnp.zeros_like(b[...])
+  assert net.prefix_bias[...].shape == (7, 2)
+  bias = np.log(np.array([[1, 3], [1, 1], [2, 3], [1, 4], [1, 1], [5, 1], [1, 1]], np.float64))
+  net.prefix_bias[...] = jnp.asarray(bias, jnp.float32)
+  user = dr_model.encode_users(net, jnp.zeros((1, 2), jnp.int32))
+  codes = jnp.asarray([[[1, 0, 0], [0, 1, 0], [1, 1, 1]]], jnp.int32)
+  lp = np.asarray(dr_model.path_log_probs(net, user, codes))[0]
+  # (1,0,0): 3/4 * 2/5 * 5/6; (0,1,0): 1/4 * 1/2 * 1/2; (1,1,1): 3/4 * 3/5 * 1/2.
+  np.testing.assert_allclose(np.exp(lp), [3 / 4 * 2 / 5 * 5 / 6, 1 / 16, 3 / 4 * 3 / 5 / 2],
+                             rtol=1e-5)
+  # Greedy (beam 1) follows c_2 = 1 (3/5) and misses the best path; beam 2 keeps both
+  # layer-2 prefixes under c_1 = 1 and finds it.
+  codes, scores = dr_model.beam_search_paths(net, user, beam=1)
+  np.testing.assert_array_equal(codes[0, 0], [1, 1, 0])  # tie at layer 3: lower code
+  np.testing.assert_allclose(np.exp(scores[0, 0]), 3 / 4 * 3 / 5 / 2, rtol=1e-5)
+  codes, scores = dr_model.beam_search_paths(net, user, beam=2)
+  np.testing.assert_array_equal(codes[0], [[1, 0, 0], [1, 1, 0]])
+  np.testing.assert_allclose(np.exp(scores[0]), [3 / 4 * 2 / 5 * 5 / 6, 3 / 4 * 3 / 5 / 2],
+                             rtol=1e-5)
 
 
 # ---- M-step ---------------------------------------------------------------------------------

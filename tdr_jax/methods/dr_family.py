@@ -29,7 +29,8 @@ def dr_settings(cfg: Config) -> tuple[str, deep_retrieval.DRConfig]:
                                           init_paths=cfg.dr.dr_init_paths,
                                           epochs_per_estep=cfg.dr.dr_epochs_per_estep,
                                           first_estep_epochs=cfg.dr.dr_first_estep_epochs,
-                                          rerank_esteps=cfg.dr.dr_rerank_esteps)
+                                          rerank_esteps=cfg.dr.dr_rerank_esteps,
+                                          prefix_bias=cfg.dr.dr_prefix_bias)
 
 
 def run(ctx: Context, cfg: Config, workdir: str) -> dict:

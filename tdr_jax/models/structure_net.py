@@ -48,7 +48,8 @@ class StructureNet(nnx.Module):
 
   def __init__(self, *, num_items: int, width: int, depth: int, embed_dim: int = 32,
                user_dim: int = 64, path_dim: int = 16, hidden: Sequence[int] = (128,),
-               user_encoder: str = "gru", rerank_dim: int = 0, rngs: nnx.Rngs):
+               user_encoder: str = "gru", rerank_dim: int = 0, prefix_bias: bool = False,
+               rngs: nnx.Rngs):
     if user_encoder not in USER_ENCODERS:
       raise ValueError(f"user_encoder={user_encoder!r}: choose one of {USER_ENCODERS}")
     if min(num_items, width, depth, embed_dim, user_dim, path_dim) < 1 or rerank_dim < 0:
@@ -71,6 +72,12 @@ class StructureNet(nnx.Module):
     self.kernels = nnx.List([nnx.Param(init(rngs.params(), (self.depth, a, b)))
                              for a, b in zip(widths[:-1], widths[1:])])
     self.biases = nnx.List([nnx.Param(jnp.zeros((self.depth, b))) for b in widths[1:]])
+    # Optional logit bias per (path prefix, code): layer d adds a learned row indexed by
+    # c_1..c_{d-1}, so the marginal p(c_d | c_<d) is one table entry instead of a function the
+    # MLP has to memorise (an addition to the paper's layer; zero-initialised).
+    self.use_prefix_bias = bool(prefix_bias)
+    if self.use_prefix_bias:
+      self.prefix_bias = nnx.Param(jnp.zeros((num_prefixes(self.width, self.depth), self.width)))
     self.rerank_dim = int(rerank_dim)
     if self.rerank_dim:
       self.rerank_proj = nnx.Linear(self.user_dim, self.rerank_dim, rngs=rngs)
@@ -80,6 +87,25 @@ class StructureNet(nnx.Module):
   @property
   def num_paths(self) -> int:
     return self.width ** self.depth
+
+
+def num_prefixes(width: int, depth: int) -> int:
+  """Prefixes of the D layers: K^0 + K^1 + ... + K^(D-1) (layer d's are K^(d-1))."""
+  return sum(width ** d for d in range(depth))
+
+
+def _prefix_offsets(width: int, depth: int) -> np.ndarray:
+  """int32[D]: row of layer d's first prefix in the prefix-bias table."""
+  return np.cumsum([0] + [width ** d for d in range(depth - 1)]).astype(np.int32)
+
+
+def _prefix_rows(model: StructureNet, codes: jax.Array) -> jax.Array:
+  """int32[..., D]: the prefix-bias row of every layer of the paths codes int[..., D]."""
+  prefix, rows = jnp.zeros(codes.shape[:-1], jnp.int32), []
+  for d in range(model.depth):
+    rows.append(prefix)
+    prefix = prefix * model.width + codes[..., d]
+  return jnp.stack(rows, axis=-1) + jnp.asarray(_prefix_offsets(model.width, model.depth))
 
 
 # ---- user embedding ------------------------------------------------------------------------
@@ -158,6 +184,8 @@ def path_log_probs(model: StructureNet, user: jax.Array, codes: jax.Array) -> ja
   feats = _prefix_features(model, codes)  # [B, P, D, F]
   u = jnp.broadcast_to(user[:, None, None, :], feats.shape[:-1] + (user.shape[-1],))
   logits = _mlp_all_layers(model, jnp.concatenate([u, feats], axis=-1))  # [B, P, D, K]
+  if model.use_prefix_bias:
+    logits = logits + model.prefix_bias[...][_prefix_rows(model, codes)]
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.sum(jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0], axis=-1)
 
@@ -205,11 +233,18 @@ def beam_search_paths(model: StructureNet, user: jax.Array, *, beam: int
   codes0 = jnp.zeros((b, beam, depth), jnp.int32)
   feats0 = jnp.zeros((b, beam, dm1, pdim), table.dtype)
   u = jnp.broadcast_to(user[:, None, :], (b, beam, user.shape[-1]))
+  offsets = jnp.asarray(_prefix_offsets(k, depth))
 
   def step(carry, d):
     scores, codes, feats = carry
     x = jnp.concatenate([u, feats.reshape(b, beam, dm1 * pdim)], axis=-1)
-    logp = jax.nn.log_softmax(_mlp_one_layer(model, d, x), axis=-1)  # [b, beam, K]
+    logits = _mlp_one_layer(model, d, x)  # [b, beam, K]
+    if model.use_prefix_bias:
+      # The prefix c_1..c_{d-1} as a number (codes of layers >= d are still 0 here).
+      prefix = jnp.sum(jnp.where(jnp.arange(depth) < d, codes, 0)
+                       * (k ** jnp.maximum(d - 1 - jnp.arange(depth), 0)), axis=-1)
+      logits = logits + model.prefix_bias[...][offsets[d] + prefix]
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [b, beam, K]
     top, idx = jax.lax.top_k((scores[..., None] + logp).reshape(b, beam * k), beam)
     parent, code = idx // k, (idx % k).astype(jnp.int32)
     codes = jnp.take_along_axis(codes, parent[..., None], axis=1)
