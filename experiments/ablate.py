@@ -425,7 +425,7 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
   cfg, ctx = run.cfg, run.ctx
   run.total = len(opts.methods) * len(opts.values) + 1
   records, series, qps = [], {}, {}
-  notes = [f"Each tree method is trained once at the preset's --beam_size={cfg.eval.beam_size} "
+  notes = [f"Each tree method is trained once at the run's --beam_size={cfg.eval.beam_size} "
            f"and its final tree evaluated at every beam; queries/s times a second, compiled "
            f"search of the {len(ctx.ev.users)} test users in batches of "
            f"{cfg.eval.eval_batch_size}. Beams below a --topk cut-off report the cut-offs up "
@@ -436,7 +436,7 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
     if cfg.replace(**method.settings).train.loss == "otm":
       overrides["otm_beam_size"] = cfg.eval.beam_size
       notes.append(f"OTM trains its beam search and pseudo targets with --otm_beam_size="
-                   f"{cfg.eval.beam_size} (the preset's retrieval beam) once; at the other "
+                   f"{cfg.eval.beam_size} (the run's retrieval beam) once; at the other "
                    f"beams it searches with a beam it was not calibrated for (retraining it "
                    f"per beam would be OTM's own setting, at one training per beam).")
     mcfg = cfg.replace(**method.settings, **overrides)
