@@ -27,9 +27,12 @@ PAPER_WINDOWS = (1, 1, 1, 2, 2, 2, 10, 10, 20, 20)
 INITIAL_TREES = ("auto", "category", "kmeans", "random")
 
 
-def field(default, help: str, *, choices=None, fingerprint: bool = True, flag: bool = True):
+def field(default, help: str, *, choices=None, fingerprint: bool | str = True,
+          flag: bool = True):
   """A config field: its default, help text, enum choices, whether the checkpoint fingerprint
-  includes it and whether it is a command-line flag."""
+  includes it (True, False, or "if_set": only when not None, so that adding an optional
+  setting leaves the fingerprints of every run that does not set it unchanged) and whether it
+  is a command-line flag."""
   meta = {"help": help, "choices": choices, "fingerprint": fingerprint, "flag": flag}
   return dataclasses.field(default=default, metadata=meta)
 
@@ -161,16 +164,17 @@ class DRSection:
                                     "default: the DR preset's).",
                                     choices=deep_retrieval.INIT_PATHS)
   dr_epochs_per_estep: float | None = field(None, "Deep Retrieval epochs per E-step (default: "
-                                            "the DR preset's).")
+                                            "the DR preset's).", fingerprint="if_set")
   dr_first_estep_epochs: float | None = field(None, "Deep Retrieval epochs of the first E-step, "
                                               "before the first M-step (default: "
-                                              "--dr_epochs_per_estep).")
+                                              "--dr_epochs_per_estep).", fingerprint="if_set")
   dr_rerank_esteps: int | None = field(None, "Deep Retrieval: the reranker trains in the first "
                                        "N E-steps only, then is frozen (paper's schedule: 2 of "
-                                       "4); default: in every E-step.")
+                                       "4); default: in every E-step.", fingerprint="if_set")
   dr_prefix_bias: bool | None = field(None, "Deep Retrieval: a learned logit bias per (path "
                                       "prefix, code) in every structure layer (an addition "
-                                      "to the paper; default: the DR preset's).")
+                                      "to the paper; default: the DR preset's).",
+                                      fingerprint="if_set")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "tree": TreeConfig,
@@ -197,7 +201,8 @@ class Config:
   def fingerprint(self) -> str:
     """Hash of the settings that determine the trained model (not eval or run length)."""
     return fingerprint_of({name: value for name, value, f in leaves(self)
-                           if f.metadata.get("fingerprint", True)})
+                           if f.metadata.get("fingerprint", True) is True
+                           or (f.metadata.get("fingerprint") == "if_set" and value is not None)})
 
   def replace(self, **flat) -> "Config":
     """A copy with leaf fields (by their unique names) replaced."""
@@ -283,6 +288,11 @@ def validate(cfg: Config) -> None:
     value = values[name]
     if value is not None and value < (2 if name == "branching" else 1):  # otm_beam_size: unset
       raise InputError(f"--{name}={value} is too small")
+  for name in ("dr_epochs_per_estep", "dr_first_estep_epochs"):
+    if values[name] is not None and values[name] <= 0:
+      raise InputError(f"--{name}={values[name]} must be positive")
+  if values["dr_rerank_esteps"] is not None and values["dr_rerank_esteps"] < 1:
+    raise InputError(f"--dr_rerank_esteps={values['dr_rerank_esteps']} must be at least 1")
   if cfg.tree.warm_start_epochs <= 0:
     raise InputError(f"--warm_start_epochs={cfg.tree.warm_start_epochs} must be positive")
   if cfg.train.rectify_estimator == "exact" and cfg.data.dataset != "synthetic":

@@ -123,6 +123,28 @@ def test_multi_path_objective_is_logsumexp_hand_case():
   np.testing.assert_allclose(dr_model.multi_path_log_likelihood(lp)[0], math.log(0.35), rtol=1e-6)
 
 
+def test_frozen_reranker_sends_no_gradient(tiny):
+  # rerank_on = 0: the loss is the structure term alone and so is its gradient, the shared
+  # user encoder included; rerank_on = 1 moves the encoder by the reranker's term too.
+  net, _, _ = tiny
+  graphdef, params = nnx.split(net)
+  config = dr.DRConfig(width=3, depth=3, beam_size=4, num_paths=2, top_paths=2,
+                       rerank_negatives=5)
+  loss_fn = dr.make_loss_fn(graphdef, config, num_items=8)
+  paths = jnp.asarray(np.random.default_rng(0).integers(0, 3, (8, 2, 3)), jnp.int32)
+  batch = train.Batch(jnp.asarray(_HIST), jnp.array([1, 4, 0, 6], jnp.int32),
+                      jnp.ones((4, 1)), jnp.ones(4, bool))
+  key = jax.random.key(1)
+  frozen = jax.grad(lambda p: loss_fn(p, batch, (paths, 0.0), key)[0])(params)
+  structure = jax.grad(lambda p: loss_fn(p, batch, (paths, 1.0), key)[1]["structure"])(params)
+  joint = jax.grad(lambda p: loss_fn(p, batch, (paths, 1.0), key)[0])(params)
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(structure)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  enc = [k for k in ("gru", "pool") if k in frozen][0]
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(frozen[enc]),
+                                                   jax.tree.leaves(joint[enc])))
+
+
 def test_prefix_bias_rows_by_hand():
   # Zero MLP: layer d's logits are the prefix-bias row of c_1..c_{d-1} alone. K=2, D=3: rows
   # 0 (layer 1), 1-2 (layer 2: c_1), 3-6 (layer 3: 2 c_1 + c_2).
