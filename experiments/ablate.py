@@ -9,7 +9,10 @@ Every config flag of run.py applies (`--preset`, `--data_dir`, `--dataset`, `--e
 `--methods` restricts the sweep's methods and `--values` sets its values. Each point (method x
 value) trains in its own folder `<workdir>/<sweep>/<point>/` (beam: `<method>/beam-<b>/`) and
 writes its `results.json` there when done; a rerun skips the points with a results file and
-resumes an interrupted one from its checkpoints. The sweep writes `<workdir>/results.json`,
+resumes an interrupted one from its checkpoints. A point records the settings and the corpus
+(its fingerprint) it ran with, in `<point>/settings.json` when it starts and in its results:
+a rerun under other settings or on another corpus is refused with one line naming what
+differs, for a finished point as for a started one. The sweep writes `<workdir>/results.json`,
 `<workdir>/results.md` and `<workdir>/<sweep>.png`; every table of retrieval metrics carries
 the popularity row (and on synthetic data the oracle row), computed once per sweep.
 
@@ -18,10 +21,13 @@ the popularity row (and on synthetic data the oracle row), computed once per swe
 * sampler: TDR with uniform negatives, top-down negatives and the full softmax over every level
   (`--full_softmax_nodes` = B^H; only when B^H <= --max_full_softmax_nodes, else the point is
   skipped with its reason), at equal steps and at equal wall-clock: a short timing of each
-  sampler's training step (--timing_steps, kept in <workdir>/sampler/timing.json) scales the
-  epochs of the slower ones to the fastest one's time. Each equal-steps model also gets the
-  bias of the samplers (`tdr_jax.sampler_bias`): the KL divergence, on test users, of the
-  negatives a sampler draws at a level from the trained model's softmax over that level.
+  sampler's training step (--timing_steps, kept in <workdir>/sampler/timing.json with the
+  settings it was measured under, timed again when they change) scales the epochs of the
+  slower ones to the fastest one's time. Each equal-steps model also gets the bias of the
+  samplers (`tdr_jax.sampler_bias`): the KL divergence, on test users, of the negatives a
+  sampler draws at a sampled level (below the --full_softmax_nodes levels) from the trained
+  model's softmax over that level; other --bias_* flags measure a finished point again on
+  its restored model, without training.
 * beam: every tree method trained once (at the preset's beam; OTM's training beam is fixed to
   it) and its final tree evaluated at each beam of --values (default 20,40,60,100,150), with
   queries/s of the compiled search; brute-force DIN is the ceiling.
@@ -52,11 +58,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from experiments import cli  # noqa: E402
 from experiments.cli import (FLAGS, check_no_arguments, config_from_flags,  # noqa: E402
                              exit_on_input_error, parse_flags)
-from tdr_jax import experiment, report, sampler_bias, sampling, train  # noqa: E402
+from tdr_jax import experiment, report, sampler_bias, sampling, train, training  # noqa: E402
 from tdr_jax import config as config_lib  # noqa: E402
 from tdr_jax import tree as tree_lib  # noqa: E402
 from tdr_jax.config import Config  # noqa: E402
 from tdr_jax.data import batches as batches_lib  # noqa: E402
+from tdr_jax.data.preprocess import corpus_fingerprint  # noqa: E402
 from tdr_jax.errors import InputError  # noqa: E402
 from tdr_jax.evaluation import retrieve_at_beams  # noqa: E402
 from tdr_jax.methods import METHODS, Context, reference, run_samples, tree_family  # noqa: E402
@@ -86,8 +93,9 @@ flags.DEFINE_integer("timing_steps", 20, "Sampler sweep: timed training steps pe
 flags.DEFINE_integer("bias_users", 64, "Sampler sweep: test users of the bias measurement.")
 flags.DEFINE_integer("bias_samples", 4096, "Sampler sweep: negatives drawn per user and level "
                      "by each sampler for the bias measurement.")
-flags.DEFINE_integer("bias_max_nodes", 256, "Sampler sweep: the bias is measured at the levels "
-                     "with at most this many valid nodes.")
+flags.DEFINE_integer("bias_max_nodes", 1024, "Sampler sweep: the bias is measured at the "
+                     "sampled levels (those with more than --full_softmax_nodes slots) with at "
+                     "most this many valid nodes.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +107,7 @@ class Options:
   timing_steps: int = 20
   bias_users: int = 64
   bias_samples: int = 4096
-  bias_max_nodes: int = 256
+  bias_max_nodes: int = 1024
 
 
 def allowed_methods(sweep: str, cfg: Config) -> tuple[str, ...]:
@@ -165,14 +173,22 @@ class Point:
   describe: str
 
 
+def point_config(cfg: Config, point: Point) -> Config:
+  """The config `point` trains with: the run's, the method's settings over it, the point's
+  overrides over those (an override may replace a method setting, e.g. the rounds control's
+  --tree_learning=none)."""
+  return cfg.replace(**{**METHODS[point.method].settings, **point.overrides})
+
+
 @dataclasses.dataclass
 class Runner:
-  """The state of one sweep: its config, context (data, test users, warm start), folder and
-  the progress counter."""
+  """The state of one sweep: its config, context (data, test users, warm start), folder, the
+  corpus fingerprint every record carries and the progress counter."""
   sweep: str
   cfg: Config
   ctx: Context
   root: str
+  corpus: str = ""
   total: int = 0
   count: int = 0
 
@@ -210,6 +226,8 @@ def results_path(run: Runner, name: str) -> str:
 
 
 # Settings a finished point's results do not depend on (folders, logging, checkpoint period).
+# The data folder is left out because the corpus it holds is recorded instead (its
+# fingerprint, `corpus_fingerprint`): a moved folder with the same data is the same point.
 UNRECORDED = ("data_dir", "log_every", "checkpoint_every", "stop_after_step")
 
 
@@ -219,47 +237,137 @@ def point_settings(cfg: Config) -> dict:
                                 if name not in UNRECORDED}, default=list))
 
 
-def load_done(path: str, cfg: Config) -> dict | None:
-  """The record of a finished point (None if it has no results file yet); InputError when it
-  was written with other settings than `cfg`."""
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    record = json.load(f)
+def check_recorded(path: str, record: dict, cfg: Config, corpus: str) -> None:
+  """InputError (one line naming what differs) when `record` (a point's results.json or
+  settings.json at `path`) was written for another corpus or with other settings than
+  `cfg`."""
+  if record.get("corpus") != corpus:
+    raise InputError(f"{path} was written for another corpus (corpus fingerprint "
+                     f"{record.get('corpus')} not {corpus}: other data under --data_dir or "
+                     f"another --dataset); use another --workdir or the same data")
   now, then = point_settings(cfg), record.get("settings", {})
   differ = [name for name in now if then.get(name) != now[name]]
   if differ:
     raise InputError(f"{path} was written with other settings (" + ", ".join(
         f"--{n}={then.get(n)} not {now[n]}" for n in differ[:4]) + "); use another --workdir "
         "or the same flags")
+
+
+def load_done(path: str, cfg: Config, corpus: str) -> dict | None:
+  """The record of a finished point (None if it has no results file yet); InputError when it
+  was written for another corpus or with other settings than `cfg` (`check_recorded`)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  check_recorded(path, record, cfg, corpus)
   return record
 
 
-def run_point(run: Runner, point: Point, extra: Callable[[dict, Config], dict] | None = None
-              ) -> dict:
-  """Trains `point` (or resumes it) and writes its record to its results.json; a point with a
-  results file is skipped. `extra(out, cfg)` adds measurements of the trained model."""
-  path = results_path(run, point.name)
-  head = run.head(point.describe)
-  method = METHODS[point.method]
-  cfg = run.cfg.replace(**method.settings, **point.overrides)
-  record = load_done(path, cfg)
+def start_point(run: Runner, folder: str, cfg: Config) -> None:
+  """Before a point trains in `folder` (or resumes there): refuses a folder whose
+  settings.json records another corpus or other settings (the checkpoints' own identity
+  leaves out e.g. --epochs), else writes it."""
+  path = os.path.join(folder, "settings.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      check_recorded(path, json.load(f), cfg, run.corpus)
+  else:
+    write_json(path, {"settings": point_settings(cfg), "corpus": run.corpus})
+
+
+def skip_if_done(run: Runner, head: str, path: str, cfg: Config) -> dict | None:
+  """The record at `path` of a finished point, with its `skipped (done)` line; None if the
+  point is not finished."""
+  record = load_done(path, cfg, run.corpus)
   if record is not None:
     print(f"{head}: skipped (done)", flush=True)
+  return record
+
+
+def point_record(point: Point) -> dict:
+  """The fields of a point's record that name it."""
+  return {"point": point.name, "method": point.method, "label": point.label,
+          "value": point.value, "overrides": point.overrides}
+
+
+def save_record(run: Runner, head: str, path: str, cfg: Config, record: dict, seconds: float,
+                *, more: str = "", after: str = "") -> dict:
+  """A finished point's record with its settings, corpus and seconds, written to `path`; prints
+  its progress line `<head>: F@K0 <f><more> (<seconds> s<after>)`."""
+  record = dict(record, settings=point_settings(cfg), corpus=run.corpus, seconds=seconds)
+  write_json(path, record)
+  print(f"{head}: F@{run.k0} {run.f(record['row']):.4f}{more} ({seconds:.0f} s{after})",
+        flush=True)
+  return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+  """Measurements of a point's trained model beyond its row, kept under `key` in its record
+  with the `settings` they were measured with: a finished point whose record holds other
+  settings (or none) is measured again on its restored model, without training.
+  `measure(out, cfg)`: the measurement (a dict), from the method's run output (`score_fn` and
+  `models`, the last one measured)."""
+  key: str
+  settings: dict
+  measure: Callable[[dict, Config], dict]
+
+
+def restore_final_model(run: Runner, cfg: Config, folder: str) -> dict:
+  """The final tree and parameters of a finished tree-family point in `folder`, read from its
+  last round's tree and checkpoint (nothing trains): {"score_fn", "models": [(tree, params)]},
+  like the method's run output."""
+  last = cfg.tree.tree_rounds - 1
+  tree = tree_lib.from_item_to_leaf(
+      np.load(os.path.join(folder, "trees", f"round_{last}.npy")),
+      branching=cfg.tree.branching, num_items=run.ctx.ds.num_items)
+  score_fn, params = tree_family.build_model(cfg, tree)
+  ckpt = training.Checkpointer(
+      os.path.join(folder, f"round_{last}", "checkpoints"),
+      identity={"config_fingerprint": cfg.fingerprint(), "corpus_fingerprint": run.corpus,
+                "tree_fingerprint": training.fingerprint(np.asarray(tree.item_to_leaf))})
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise InputError(f"{folder}: no checkpoint of round {last} to measure; delete the "
+                       f"point's results.json to train it again")
+    like = {"state": train.init_state(params, train.make_optimizer()),
+            "carry": {"carry": None, "phases": np.zeros((), np.int32)}}
+    params = ckpt.restore(step, like)["state"].params
+  finally:
+    ckpt.close()
+  return {"score_fn": score_fn, "models": [(tree, jax.device_get(params))]}
+
+
+def run_point(run: Runner, point: Point, extra: Extra | None = None) -> dict:
+  """Trains `point` (or resumes it) and writes its record to its results.json; a point with a
+  results file is skipped (its `extra` measured again if its settings changed)."""
+  path = results_path(run, point.name)
+  folder = os.path.dirname(path)
+  head = run.head(point.describe)
+  method = METHODS[point.method]
+  cfg = point_config(run.cfg, point)
+  record = skip_if_done(run, head, path, cfg)
+  if record is not None:
+    if extra is not None and record.get(extra.key, {}).get("settings") != extra.settings:
+      t0 = time.perf_counter()
+      record = dict(record, **{extra.key: dict(
+          extra.measure(restore_final_model(run, cfg, folder), cfg), settings=extra.settings)})
+      write_json(path, record)
+      print(f"{head}: {extra.key} measured again with " + ", ".join(
+          f"--{k}={v}" for k, v in extra.settings.items()) +
+          f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     return record
   t0 = time.perf_counter()
-  out = method.run(run.ctx, cfg, os.path.join(run.root, point.name))
-  record = {"point": point.name, "method": point.method, "label": point.label,
-            "value": point.value, "overrides": point.overrides, "settings": point_settings(cfg),
-            "row": dict(out["rows"][0], method=point.label)}
+  start_point(run, folder, cfg)
+  out = method.run(run.ctx, cfg, folder)
+  record = dict(point_record(point), row=dict(out["rows"][0], method=point.label))
   if "rounds" in out:
     record["rounds"] = [dict(r) for r in out["rounds"]]
   if extra is not None:
-    record.update(extra(out, cfg))
-  record["seconds"] = time.perf_counter() - t0
-  write_json(path, record)
-  print(f"{head}: F@{run.k0} {run.f(record['row']):.4f} ({record['seconds']:.0f} s)", flush=True)
-  return record
+    record[extra.key] = dict(extra.measure(out, cfg), settings=extra.settings)
+  return save_record(run, head, path, cfg, record, time.perf_counter() - t0)
 
 
 # ---- the sweeps -----------------------------------------------------------------------------
@@ -326,26 +434,43 @@ def seconds_per_step(ctx: Context, cfg: Config, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def sampler_bias_of(run: Runner, opts: Options) -> Callable[[dict, Config], dict]:
-  """`extra` of an equal-steps point: the samplers' bias against its final model."""
-  def extra(out: dict, cfg: Config) -> dict:
+def bias_levels(tree: tree_lib.Tree, full_softmax_nodes: int, max_nodes: int
+                ) -> tuple[list[int], int]:
+  """(levels, F): the levels where the bias is measured, those a sampler draws negatives at
+  (below the F levels with at most `full_softmax_nodes` slots, which every run trains with
+  the full softmax: `train.num_full_levels`) with 3..`max_nodes` valid nodes."""
+  full = train.num_full_levels(train.StepConfig(loss="softmax",
+                                                full_softmax_nodes=full_softmax_nodes),
+                               branching=tree.branching, height=tree.height)
+  return [j for j in sampler_bias.measurable_levels(tree, max_nodes) if j > full], full
+
+
+def sampler_bias_of(run: Runner, opts: Options) -> Extra:
+  """The `bias` of an equal-steps point: the samplers' bias against its final model, at the
+  levels the sampled runs draw negatives at (the run's --full_softmax_nodes, also for the
+  full-softmax model, which trains every level with the full softmax)."""
+  def measure(out: dict, cfg: Config) -> dict:
     tree, params = out["models"][-1]
     ev = run.ctx.ev
     has_label = np.flatnonzero(np.diff(ev.label_offsets) > 0)[:opts.bias_users]
     positives = ev.label_items[ev.label_offsets[has_label]]  # each user's first test item
-    levels = sampler_bias.measurable_levels(tree, opts.bias_max_nodes)
+    levels, full = bias_levels(tree, run.cfg.train.full_softmax_nodes, opts.bias_max_nodes)
     counts = tree_lib.valid_counts(tree)
     t0 = time.perf_counter()
-    kl = sampler_bias.sampler_kl(jax.random.key(cfg.seed + 101), out["score_fn"], params, tree,
-                                 ev.history[has_label], positives, levels=levels,
-                                 num_samples=opts.bias_samples)
-    return {"bias": {"levels": levels, "level_nodes": [int(counts[j]) for j in levels],
-                     "users": int(len(has_label)), "samples": opts.bias_samples,
-                     "top_down_users": kl["users"].tolist(),
-                     "seconds": time.perf_counter() - t0,
-                     **{name: kl[name].tolist() for name in sampler_bias.SAMPLERS},
-                     "mean": {name: _nanmean(kl[name]) for name in sampler_bias.SAMPLERS}}}
-  return extra
+    if levels:
+      kl = sampler_bias.sampler_kl(jax.random.key(cfg.seed + 101), out["score_fn"], params,
+                                   tree, ev.history[has_label], positives, levels=levels,
+                                   num_samples=opts.bias_samples)
+    else:  # no sampled level small enough to enumerate
+      kl = {name: np.zeros(0) for name in (*sampler_bias.SAMPLERS, "users")}
+    return {"levels": levels, "full_softmax_levels": full,
+            "level_nodes": [int(counts[j]) for j in levels],
+            "users": int(len(has_label)), "samples": opts.bias_samples,
+            "top_down_users": kl["users"].tolist(), "seconds": time.perf_counter() - t0,
+            **{name: kl[name].tolist() for name in sampler_bias.SAMPLERS},
+            "mean": {name: _nanmean(kl[name]) for name in sampler_bias.SAMPLERS}}
+  return Extra("bias", {"bias_users": opts.bias_users, "bias_samples": opts.bias_samples,
+                        "bias_max_nodes": opts.bias_max_nodes}, measure)
 
 
 def _nanmean(x) -> float | None:
@@ -353,32 +478,72 @@ def _nanmean(x) -> float | None:
   return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
-def sweep_sampler(run: Runner, opts: Options) -> dict:
-  cfg, ds = run.cfg, run.ctx.ds
+def sampler_points(cfg: Config, opts: Options, num_items: int
+                   ) -> tuple[dict[str, Point], dict[str, str]]:
+  """The equal-steps point of each sampler of --methods that runs, and the reason of each one
+  skipped (the full softmax over more than --max_full_softmax_nodes leaf slots)."""
   b = cfg.tree.branching
-  height = tree_lib.tree_height(ds.num_items, branching=b)
+  height = tree_lib.tree_height(num_items, branching=b)
   full_nodes = b ** height
   skipped = {}
   if "full_softmax" in opts.methods and full_nodes > opts.max_full_softmax_nodes:
     skipped["full_softmax"] = (f"the leaf level has B^H = {b}^{height} = {full_nodes} node "
                                f"slots > --max_full_softmax_nodes={opts.max_full_softmax_nodes}")
-  active = [s for s in opts.methods if s not in skipped]
   overrides = {"uniform": {}, "top_down": {}, "full_softmax": {"full_softmax_nodes": full_nodes}}
+  points = {s: Point(f"{s}-steps", SAMPLER_METHOD[s], f"TDR {SAMPLER_LABEL[s]} (equal steps)", s,
+                     overrides[s], f"{s} equal steps")
+            for s in opts.methods if s not in skipped}
+  return points, skipped
+
+
+def clock_point(steps: Point, epochs: float) -> Point:
+  """The equal wall-clock point of a sampler: its equal-steps point trained `epochs`."""
+  s = steps.value
+  return Point(f"{s}-clock", steps.method, f"TDR {SAMPLER_LABEL[s]} (equal wall-clock)", s,
+               dict(steps.overrides, epochs=epochs), f"{s} equal wall-clock (epochs {epochs:.3g})")
+
+
+def timing_of(timing: dict, sampler: str, wanted: dict) -> float | None:
+  """The seconds/step of `sampler` kept in timing.json's dict `timing`, if it was measured
+  under `wanted` (its point settings, --timing_steps and corpus); None: time it again."""
+  entry = timing.get("samplers", {}).get(sampler)
+  if entry is None or any(entry.get(k) != v for k, v in wanted.items()):
+    return None
+  return entry["seconds_per_step"]
+
+
+def sweep_sampler(run: Runner, opts: Options) -> dict:
+  cfg = run.cfg
+  steps_points, skipped = sampler_points(cfg, opts, run.ctx.ds.num_items)
+  active = list(steps_points)
+  # A started sampler point under other settings is refused before anything is timed again.
+  for p in steps_points.values():
+    pcfg = point_config(cfg, p)
+    for name in ("results.json", "settings.json"):
+      path = os.path.join(run.root, p.name, name)
+      if os.path.exists(path):
+        with open(path) as f:
+          check_recorded(path, json.load(f), pcfg, run.corpus)
   timing_path = os.path.join(run.root, "timing.json")
-  timing = {"timing_steps": opts.timing_steps, "seconds_per_step": {}}
+  timing = {}
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
+  if "samplers" not in timing:  # none yet, or the layout without settings: time every sampler
+    timing = {"samplers": {}}
+  sps = {}
   for s in active:
-    if s not in timing["seconds_per_step"]:
-      method = METHODS[SAMPLER_METHOD[s]]
-      sps = seconds_per_step(run.ctx, cfg.replace(**method.settings, **overrides[s]),
-                             timing["timing_steps"])
-      timing["seconds_per_step"][s] = sps
-      print(f"timing {s}: {sps * 1000:.1f} ms/step ({timing['timing_steps']} steps)", flush=True)
+    pcfg = point_config(cfg, steps_points[s])
+    wanted = {"settings": point_settings(pcfg), "timing_steps": opts.timing_steps,
+              "corpus": run.corpus}
+    sps[s] = timing_of(timing, s, wanted)
+    if sps[s] is None:
+      sps[s] = seconds_per_step(run.ctx, pcfg, opts.timing_steps)
+      timing["samplers"][s] = dict(wanted, seconds_per_step=sps[s])
+      print(f"timing {s}: {sps[s] * 1000:.1f} ms/step ({opts.timing_steps} steps)", flush=True)
       write_json(timing_path, timing)
-  sps = {s: timing["seconds_per_step"][s] for s in active}
   fastest = min(active, key=lambda s: sps[s]) if active else None
+  epochs = {s: cfg.train.epochs * sps[fastest] / sps[s] for s in active}
   run.total = 2 * len(opts.methods)
   steps_records, clock_records, skipped_points = {}, {}, []
   for s in opts.methods:
@@ -386,39 +551,55 @@ def sweep_sampler(run: Runner, opts: Options) -> dict:
       print(f"{run.head(f'{s} equal steps')}: skipped ({skipped[s]})", flush=True)
       skipped_points.append({"point": f"{s}-steps", "sampler": s, "reason": skipped[s]})
       continue
-    steps_records[s] = run_point(run, Point(
-        f"{s}-steps", SAMPLER_METHOD[s], f"TDR {SAMPLER_LABEL[s]} (equal steps)", s,
-        overrides[s], f"{s} equal steps"), extra=sampler_bias_of(run, opts))
+    steps_records[s] = run_point(run, steps_points[s], extra=sampler_bias_of(run, opts))
   for s in opts.methods:
     if s in skipped:
       print(f"{run.head(f'{s} equal wall-clock')}: skipped ({skipped[s]})", flush=True)
       skipped_points.append({"point": f"{s}-clock", "sampler": s, "reason": skipped[s]})
       continue
-    epochs = cfg.train.epochs * sps[fastest] / sps[s]
     if s == fastest:
       print(f"{run.head(f'{s} equal wall-clock')}: the equal-steps run (the fastest sampler)",
             flush=True)
       record = dict(steps_records[s], same_as=f"{s}-steps")
     else:
-      record = run_point(run, Point(
-          f"{s}-clock", SAMPLER_METHOD[s], f"TDR {SAMPLER_LABEL[s]} (equal wall-clock)", s,
-          dict(overrides[s], epochs=epochs), f"{s} equal wall-clock (epochs {epochs:.3g})"))
-    record = dict(record, epochs=epochs, row=dict(
+      record = run_point(run, clock_point(steps_points[s], epochs[s]))
+    record = dict(record, epochs=epochs[s], row=dict(
         record["row"], method=f"TDR {SAMPLER_LABEL[s]} (equal wall-clock)"))
     clock_records[s] = record
   records = list(steps_records.values()) + list(clock_records.values())
   notes = [f"Equal wall-clock: epochs x (seconds/step of {fastest}) / (seconds/step of the "
-           f"sampler), from {timing['timing_steps']} timed steps per sampler "
+           f"sampler), from {opts.timing_steps} timed steps per sampler "
            f"({os.path.basename(timing_path)})." if fastest else "No sampler ran."]
+  full = next((r["bias"]["full_softmax_levels"] for r in steps_records.values()), None)
   notes.append("Bias: mean over test users of KL(the sampler's negatives at a level || the "
                "model's softmax over that level without the user's positive), in nats, with "
                "the equal-steps model of each row; 'exact' draws as many negatives from that "
-               "softmax itself: the floor of the estimate. The full softmax samples nothing.")
-  return {"records": records, "rows": [r["row"] for r in records], "timing": dict(
-              timing, fastest=fastest, epochs={s: cfg.train.epochs * sps[fastest] / sps[s]
-                                               for s in active}),
+               "softmax itself: the floor of the estimate. The full softmax samples nothing. "
+               "Measured at the sampled levels only" + (
+                   f" (levels 1-{full} have at most --full_softmax_nodes="
+                   f"{cfg.train.full_softmax_nodes} slots and train with the full softmax in "
+                   f"every run)" if full else "") + ".")
+  return {"records": records, "rows": [r["row"] for r in records],
+          "timing": {"timing_steps": opts.timing_steps, "seconds_per_step": sps,
+                     "fastest": fastest, "epochs": epochs},
           "skipped": skipped_points, "steps": steps_records, "clock": clock_records,
           "notes": notes}
+
+
+def beam_points(cfg: Config, opts: Options) -> list[tuple[Point, list[Point]]]:
+  """(training point, [its point at each beam of --values]) of each method: trained once in
+  <method>/ at the run's beam (OTM's training beam fixed to it), searched at every beam."""
+  out = []
+  for name in opts.methods:
+    method = METHODS[name]
+    overrides = {}
+    if cfg.replace(**method.settings).train.loss == "otm":
+      overrides["otm_beam_size"] = cfg.eval.beam_size
+    label = method.label_for(cfg)
+    out.append((Point(name, name, label, None, overrides, name),
+                [Point(os.path.join(name, f"beam-{b}"), name, f"{label} beam={b}", b, overrides,
+                       f"{name} beam={b}") for b in opts.values]))
+  return out
 
 
 def sweep_beam(run: Runner, opts: Options) -> dict:
@@ -430,54 +611,47 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
            f"search of the {len(ctx.ev.users)} test users in batches of "
            f"{cfg.eval.eval_batch_size}. Beams below a --topk cut-off report the cut-offs up "
            f"to the beam only."]
-  for name in opts.methods:
-    method = METHODS[name]
-    overrides = {}
-    if cfg.replace(**method.settings).train.loss == "otm":
-      overrides["otm_beam_size"] = cfg.eval.beam_size
+  for trained, points in beam_points(cfg, opts):
+    mcfg = point_config(cfg, trained)
+    if "otm_beam_size" in trained.overrides:
       notes.append(f"OTM trains its beam search and pseudo targets with --otm_beam_size="
                    f"{cfg.eval.beam_size} (the run's retrieval beam) once; at the other "
                    f"beams it searches with a beam it was not calibrated for (retraining it "
                    f"per beam would be OTM's own setting, at one training per beam).")
-    mcfg = cfg.replace(**method.settings, **overrides)
-    label = method.label_for(cfg)
-    done = {b: load_done(results_path(run, os.path.join(name, f"beam-{b}")), mcfg)
-            for b in opts.values}
-    missing = [b for b in opts.values if done[b] is None]
+    done = {p.value: load_done(results_path(run, p.name), mcfg, run.corpus) for p in points}
     out, train_seconds = None, 0.0
-    if missing:
+    if any(r is None for r in done.values()):
       t0 = time.perf_counter()
-      out = method.run(ctx, mcfg, os.path.join(run.root, name))
+      folder = os.path.join(run.root, trained.name)
+      start_point(run, folder, mcfg)
+      out = METHODS[trained.method].run(ctx, mcfg, folder)
       train_seconds = time.perf_counter() - t0
-    for b in opts.values:
-      point = os.path.join(name, f"beam-{b}")
-      path = results_path(run, point)
-      head = run.head(f"{name} beam={b}")
-      if b not in missing:
+    for p in points:
+      b = p.value
+      head = run.head(p.describe)
+      record = done[b]
+      if record is not None:
         print(f"{head}: skipped (done)", flush=True)
-        record = done[b]
       else:
         tree, params = out["models"][-1]
         t0 = time.perf_counter()
         (row,) = retrieve_at_beams(
             out["score_fn"], params, tree, ctx.ev, ctx.ds,
             mcfg.replace(topk=tuple(k for k in cfg.eval.topk if k <= b)), ctx.eta,
-            label=f"{label} beam={b}", beams=[b], mesh=ctx.mesh,
-            path_scores=mcfg.train.loss == "plt")
+            label=p.label, beams=[b], mesh=ctx.mesh, path_scores=mcfg.train.loss == "plt")
         row["train_seconds"] = out["rows"][0]["train_seconds"]
-        record = {"point": point, "method": name, "label": f"{label} beam={b}", "value": b,
-                  "overrides": overrides, "settings": point_settings(mcfg), "row": row,
-                  "queries_per_second": row["queries_per_second"],
-                  "train_and_restore_seconds": train_seconds,
-                  "seconds": time.perf_counter() - t0}
-        write_json(path, record)
-        trained = f", after {train_seconds:.0f} s training or restoring" if train_seconds else ""
-        print(f"{head}: F@{run.k0} {run.f(row):.4f}, {row['queries_per_second']:.0f} queries/s "
-              f"({record['seconds']:.0f} s{trained})", flush=True)
+        record = dict(point_record(p), row=row, queries_per_second=row["queries_per_second"],
+                      train_and_restore_seconds=train_seconds)
+        trained_note = (f", after {train_seconds:.0f} s training or restoring"
+                        if train_seconds else "")
+        record = save_record(run, head, results_path(run, p.name), mcfg, record,
+                             time.perf_counter() - t0,
+                             more=f", {row['queries_per_second']:.0f} queries/s",
+                             after=trained_note)
         train_seconds = 0.0
       records.append(record)
-      series.setdefault(label, []).append((b, run.f(record["row"])))
-      qps.setdefault(label, []).append((b, record["queries_per_second"]))
+      series.setdefault(trained.label, []).append((b, run.f(record["row"])))
+      qps.setdefault(trained.label, []).append((b, record["queries_per_second"]))
   din = run_point(run, Point("din", "din", "DIN (brute force)", None, {}, "din (brute force)"))
   notes.append("DIN scores every item (the ceiling); its retrieval time "
                f"{din['row']['settings'].get('retrieve_seconds', float('nan')):.2f} s includes "
@@ -487,17 +661,22 @@ def sweep_beam(run: Runner, opts: Options) -> dict:
           "xlabel": "beam size", "columns": [f"beam={b}" for b in opts.values], "notes": notes}
 
 
+def rounds_points(cfg: Config, opts: Options) -> list[Point]:
+  """Each method's joint learning over --tree_rounds rounds, then the control: the first
+  method with --tree_learning=none (the initial tree kept)."""
+  rounds = cfg.tree.tree_rounds
+  points = [Point(name, name, METHODS[name].label_for(cfg), rounds, {},
+                  f"{name} ({rounds} rounds)") for name in opts.methods]
+  first = opts.methods[0]
+  points.append(Point(f"{first}-control", first,
+                      f"{METHODS[first].label_for(cfg)} tree kept (control)", rounds,
+                      {"tree_learning": "none"}, f"{first} tree_learning=none (control)"))
+  return points
+
+
 def sweep_rounds(run: Runner, opts: Options) -> dict:
   rounds = run.cfg.tree.tree_rounds
-  points = []
-  for name in opts.methods:
-    points.append(Point(name, name, METHODS[name].label_for(run.cfg), rounds, {},
-                        f"{name} ({rounds} rounds)"))
-  first = opts.methods[0]
-  control = Point(f"{first}-control", first,
-                  f"{METHODS[first].label_for(run.cfg)} tree kept (control)", rounds,
-                  {"tree_learning": "none"}, f"{first} tree_learning=none (control)")
-  points.append(control)
+  points = rounds_points(run.cfg, opts)
   run.total = len(points)
   records = [run_point(run, p) for p in points]
   series = {r["label"]: [(i + 1, run.f(row)) for i, row in enumerate(r["rounds"])]
@@ -507,7 +686,7 @@ def sweep_rounds(run: Runner, opts: Options) -> dict:
     rows += [dict(row, method=f"{r['label']} round {i + 1}") for i, row in enumerate(r["rounds"])]
   return {"records": records, "rows": rows, "series": series, "xlabel": "tree (round)",
           "columns": [f"round {i + 1}" for i in range(rounds)],
-          "notes": [f"{rounds} rounds of joint learning; the control ({first}, "
+          "notes": [f"{rounds} rounds of joint learning; the control ({opts.methods[0]}, "
                     f"--tree_learning=none) trains as many rounds on the initial tree."]}
 
 
@@ -642,7 +821,8 @@ def run_sweep(sweep: str, cfg: Config, workdir: str, opts: Options) -> dict:
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), cfg.to_json())
   ctx = experiment.make_context(cfg, os.path.join(workdir, sweep))
-  run = Runner(sweep=sweep, cfg=cfg, ctx=ctx, root=os.path.join(workdir, sweep))
+  run = Runner(sweep=sweep, cfg=cfg, ctx=ctx, root=os.path.join(workdir, sweep),
+               corpus=corpus_fingerprint(ctx.ds))
   out = SWEEP_FNS[sweep](run, opts)
   ref_rows = reference.reference_rows(ctx)  # once per sweep, in every table below
   refs = reference_lines(ref_rows)

@@ -1,5 +1,6 @@
 """experiments/ablate.py on the smoke preset: each sweep's results.json, results.md and plot, a
-rerun that trains nothing, bad flags as one line; the sampler-bias KL by hand."""
+rerun that trains nothing, refusals of other settings or another corpus, bad flags as one
+line; every sweep's point configs for every method; the sampler-bias KL by hand."""
 
 import glob
 import importlib.util
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdr_jax import sampler_bias, training
+from tdr_jax import experiment, sampler_bias, training
 from tdr_jax import tree as tree_lib
 from tdr_jax.errors import InputError
 
@@ -159,9 +160,28 @@ def test_negatives_sweep(sweeps, ablate, capsys, monkeypatch):
   assert lines == ["[1/2] negatives tdr_u m=3: skipped (done)",
                    "[2/2] negatives tdr_u m=4: skipped (done)"]
   assert again["points"] == points
+  # Every record and every point's settings.json carry the same corpus fingerprint.
+  corpus = {p["corpus"] for p in points}
+  for p in points:
+    started = json.load(open(os.path.join(workdir, "negatives", p["point"], "settings.json")))
+    assert started == {"settings": p["settings"], "corpus": p["corpus"]}
+  assert len(corpus) == 1 and len(corpus.pop()) == 16
   # A finished point is not reused under other settings: one line naming the flag.
+  argv = sweep_argv("negatives", sweeps["data"], sweeps["work"])
   with pytest.raises(InputError, match=r"tdr_u-m3.*--epochs=0.3 not 0.5.*another --workdir"):
-    run_ablate(ablate, *sweep_argv("negatives", sweeps["data"], sweeps["work"]), "--epochs=0.5")
+    run_ablate(ablate, *argv, "--epochs=0.5")
+  # Nor is a started one resumed (its checkpoints' identity leaves --epochs out): its
+  # settings.json refuses before anything trains.
+  done = os.path.join(workdir, "negatives", "tdr_u-m3", "results.json")
+  os.rename(done, done + ".away")
+  try:
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("a point trained"))
+    with pytest.raises(InputError, match=r"tdr_u-m3/settings.json was written with other "
+                                         r"settings \(--epochs=0.3 not 0.5\)"):
+      run_ablate(ablate, *argv, "--epochs=0.5")
+  finally:
+    monkeypatch.undo()
+    os.rename(done + ".away", done)
 
 
 def test_negatives_of_the_binary_methods(ablate):
@@ -177,6 +197,75 @@ def test_negatives_of_the_binary_methods(ablate):
   assert ablate.parse_options("negatives", cfg).values == (5, 10, 20, 40, 70)
   assert ablate.parse_options("beam", cfg).methods == ("tdr_t", "tdr_u", "tdm", "jtm", "otm",
                                                        "plt")
+
+
+def test_every_sweeps_point_configs(ablate):
+  """Each sweep's points and their configs for every method it allows, built without
+  training: a point's overrides may replace a setting of its method (the rounds control of
+  JTM/TDM/OTM/PLT replaces their --tree_learning)."""
+  cfg = experiment.make_config("smoke", tree_rounds=2)
+  for sweep in ablate.SWEEPS:
+    for name in ablate.allowed_methods(sweep, cfg):
+      opts = ablate.parse_options(sweep, cfg, methods=[name])
+      if sweep == "negatives":
+        points = ablate.negatives_points(cfg, opts)
+      elif sweep == "sampler":
+        steps, skipped = ablate.sampler_points(cfg, opts, 397)
+        assert not skipped
+        points = list(steps.values()) + [ablate.clock_point(p, 0.5) for p in steps.values()]
+      elif sweep == "beam":
+        points = [p for trained, at_beams in ablate.beam_points(cfg, opts)
+                  for p in [trained, *at_beams]]
+      else:
+        points = ablate.rounds_points(cfg, opts)
+        assert points[-1].name == f"{name}-control"
+      assert points, (sweep, name)
+      for p in points:
+        pcfg = ablate.point_config(cfg, p)
+        settings = {**ablate.METHODS[p.method].settings, **p.overrides}
+        got = {n: v for n, v, _ in ablate.config_lib.leaves(pcfg) if n in settings}
+        assert got == settings, (sweep, name, p.name)
+  control = ablate.rounds_points(cfg, ablate.parse_options("rounds", cfg, methods=["jtm"]))[-1]
+  control_cfg = ablate.point_config(cfg, control)
+  assert (control_cfg.tree.tree_learning, control_cfg.train.loss) == ("none", "bce")
+  (otm, _), = ablate.beam_points(cfg, ablate.parse_options("beam", cfg, methods=["otm"]))
+  assert ablate.point_config(cfg, otm).train.otm_beam_size == cfg.eval.beam_size
+
+
+def test_refusals_name_what_differs(ablate, tmp_path):
+  """load_done: another corpus or other settings is one line naming it; the same is reused."""
+  cfg = experiment.make_config("smoke")
+  path = str(tmp_path / "p" / "results.json")
+  assert ablate.load_done(path, cfg, "c0") is None
+  ablate.write_json(path, {"settings": ablate.point_settings(cfg), "corpus": "c0", "row": {}})
+  assert ablate.load_done(path, cfg.replace(data_dir="elsewhere"), "c0")["row"] == {}
+  with pytest.raises(InputError, match=r"results.json was written for another corpus \(corpus "
+                                       r"fingerprint c0 not c1: .*--data_dir"):
+    ablate.load_done(path, cfg, "c1")
+  with pytest.raises(InputError, match=r"--num_negatives=4 not 9\); use another --workdir"):
+    ablate.load_done(path, cfg.replace(num_negatives=9), "c0")
+
+
+def test_timing_is_reused_only_as_measured(ablate):
+  wanted = {"settings": {"epochs": 1.0}, "timing_steps": 20, "corpus": "c0"}
+  timing = {"samplers": {"uniform": dict(wanted, seconds_per_step=0.5)}}
+  assert ablate.timing_of(timing, "uniform", wanted) == 0.5
+  assert ablate.timing_of(timing, "top_down", wanted) is None
+  for key, other in (("timing_steps", 5), ("corpus", "c1"), ("settings", {"epochs": 2.0})):
+    assert ablate.timing_of(timing, "uniform", dict(wanted, **{key: other})) is None, key
+  # The layout before the settings were kept: every sampler is timed again.
+  assert ablate.timing_of({"timing_steps": 20, "seconds_per_step": {"uniform": 0.5}},
+                          "uniform", wanted) is None
+
+
+def test_bias_levels_are_the_sampled_ones(ablate):
+  """The default preset (B = 2, --full_softmax_nodes=64, ~5000 items): levels 1-6 train with
+  the full softmax, so the bias is measured at levels 7-10 (<= 1024 valid nodes)."""
+  tree = tree_lib.build_random(np.random.default_rng(0), 5000, branching=2)
+  assert ablate.bias_levels(tree, 64, ablate.Options(methods=()).bias_max_nodes) == (
+      [7, 8, 9, 10], 6)
+  assert ablate.bias_levels(tree, 64, 64) == ([], 6)
+  assert ablate.bias_levels(tree, 1, 16) == ([2, 3, 4], 0)  # level 1 has 2 nodes (< 3)
 
 
 def test_sampler_sweep(sweeps, ablate, capsys, monkeypatch):
@@ -204,25 +293,45 @@ def test_sampler_sweep(sweeps, ablate, capsys, monkeypatch):
   assert fast_clock["f_measure@5"] == by_point[f"{fastest}-steps"]["row"]["f_measure@5"]
   for name in ("uniform-steps", "full_softmax-steps"):
     bias = by_point[name]["bias"]
-    assert bias["users"] == 6 and bias["levels"] == [1, 2]  # 8 and <= 64 valid nodes
+    # Level 1 (8 slots <= --full_softmax_nodes=8) trains with the full softmax in every run:
+    # only the sampled levels 2 (<= 64 valid nodes) and 3 (397 <= 1024) are measured.
+    assert bias["users"] == 6 and bias["levels"] == [2, 3] and bias["full_softmax_levels"] == 1
+    assert bias["settings"] == {"bias_users": 6, "bias_samples": 512, "bias_max_nodes": 1024}
     for what in ("uniform", "top_down", "exact"):
       assert len(bias[what]) == 2 and all(v >= 0 for v in bias[what])
     assert bias["mean"]["exact"] == pytest.approx(np.mean(bias["exact"]))
   md = open(os.path.join(workdir, "results.md")).read()
   assert "## Sampler bias (KL, nats)" in md and "| full softmax | 0 (exact loss)" not in md
+  timing_file = json.load(open(os.path.join(workdir, "sampler", "timing.json")))
+  for s in ("uniform", "full_softmax"):  # kept with what it was measured under
+    entry = timing_file["samplers"][s]
+    assert entry["timing_steps"] == 2 and entry["seconds_per_step"] == sps[s]
+    assert entry["settings"] == by_point[f"{s}-steps"]["settings"]
+    assert entry["corpus"] == by_point[f"{s}-steps"]["corpus"]
   # Rerun: nothing trains or is timed again; a smaller --max_full_softmax_nodes skips the full
-  # softmax with its reason.
+  # softmax with its reason; another --bias_max_nodes measures the bias again on the restored
+  # model.
   again, lines = rerun_trains_nothing(ablate, monkeypatch, capsys, sweeps, "sampler",
-                                      "--max_full_softmax_nodes=256")
+                                      "--max_full_softmax_nodes=256", "--bias_max_nodes=64")
   reason = "the leaf level has B^H = 8^3 = 512 node slots > --max_full_softmax_nodes=256"
-  assert lines == ["[1/4] sampler uniform equal steps: skipped (done)",
+  assert lines[1].startswith("[1/4] sampler uniform equal steps: bias measured again with "
+                             "--bias_users=6, --bias_samples=512, --bias_max_nodes=64 (")
+  assert lines[:1] + lines[2:] == ["[1/4] sampler uniform equal steps: skipped (done)",
                    f"[2/4] sampler full_softmax equal steps: skipped ({reason})",
                    "[3/4] sampler uniform equal wall-clock: the equal-steps run (the fastest "
                    "sampler)",
                    f"[4/4] sampler full_softmax equal wall-clock: skipped ({reason})"]
   assert [(p["point"], p["reason"]) for p in again["skipped"]] == [
       ("full_softmax-steps", reason), ("full_softmax-clock", reason)]
-  assert again["timing"]["seconds_per_step"] == sps
+  assert again["timing"]["seconds_per_step"] == {"uniform": sps["uniform"]}
+  bias, before = again["points"][0]["bias"], by_point["uniform-steps"]["bias"]
+  assert bias["levels"] == [2] and bias["settings"]["bias_max_nodes"] == 64
+  # The restored model is the trained one: the exact and top-down draws at level 2 (keyed by
+  # level, not by the levels measured) give the first measurement's KL.
+  for what in ("exact", "top_down"):
+    assert bias[what][0] == pytest.approx(before[what][0], rel=1e-4)
+  record = json.load(open(os.path.join(workdir, "sampler", "uniform-steps", "results.json")))
+  assert record["bias"] == bias
 
 
 def test_beam_sweep(sweeps, ablate, capsys, monkeypatch):
@@ -233,7 +342,10 @@ def test_beam_sweep(sweeps, ablate, capsys, monkeypatch):
   # Trained once (one evaluation at the preset's beam), searched at both beams.
   assert out.count("round 0: P@5") == 1
   assert sorted(os.listdir(os.path.join(workdir, "beam", "tdr_u"))) == [
-      "beam-20", "beam-8", "round_0", "trees"]
+      "beam-20", "beam-8", "round_0", "settings.json", "trees"]
+  started = json.load(open(os.path.join(workdir, "beam", "tdr_u", "settings.json")))
+  assert all(p["corpus"] == started["corpus"] for p in results["points"])
+  assert started["settings"] == results["points"][0]["settings"]
   rows = results["rows"]
   assert [r["method"] for r in rows[:3]] == ["TDR(U) beam=8", "TDR(U) beam=20",
                                             "DIN (brute force)"]
