@@ -711,7 +711,9 @@ def _retrieve_batch(graphdef, params, history, offsets, path_items, *, beam: int
   out = jnp.where(jnp.isfinite(best), jnp.take_along_axis(items, idx, axis=1), -1)
   if k < topk:
     out = jnp.pad(out, ((0, 0), (0, topk - k)), constant_values=-1)
-  return out.astype(jnp.int32), jnp.sum(keep, axis=1)
+    best = jnp.pad(best, ((0, 0), (0, topk - k)), constant_values=-jnp.inf)
+  # (items, distinct candidates per user, the items' scores: reranker logits or path scores)
+  return out.astype(jnp.int32), jnp.sum(keep, axis=1), best
 
 
 @dataclasses.dataclass
@@ -757,7 +759,7 @@ def retrieve(model: DRModel, history: np.ndarray, *, topk: int, beam_size: int |
   def one_batch(h):
     return _retrieve_batch(model.graphdef, params, h, offsets_dev, items_dev, beam=beam,
                            topk=topk, max_path_size=max(max_size, 1),
-                           use_reranker=cfg.reranker and use_reranker is not False)
+                           use_reranker=cfg.reranker and use_reranker is not False)[:2]
 
   out, counts = parallel.map_user_batches(one_batch, [history], batch_size=bs, mesh=mesh)
   return out.astype(np.int32), counts.astype(np.int64)

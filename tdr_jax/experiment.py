@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from tdr_jax import parallel, report
+from tdr_jax import parallel, report, serving
 from tdr_jax.config import Config, make_config
 from tdr_jax.data import datasets
 from tdr_jax.evaluation import evaluation_set, synthetic_eta
@@ -50,6 +50,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg.to_json(), f, indent=1)
   ctx = make_context(cfg, workdir)
+  serving.write_vocabulary(workdir, ctx.ds)  # raw item ids, for tdr_jax.serving.Retriever
   if any(METHODS[n].warm_start for n in names):
     ctx.warm_start()  # one warm start (and initial-tree choice) shared by the whole table
   rows, estimator_rows, per_method = [], [], {}

@@ -15,6 +15,7 @@ LAYERS = [
     ("tdr_jax.errors", 0),
     ("tdr_jax.data", 1),
     ("tdr_jax.experiment", 5),
+    ("tdr_jax.serving", 5),  # tdr_jax.experiment writes its vocabulary file
     ("tdr_jax.methods", 4),
     ("tdr_jax.config", 3),
     ("tdr_jax.evaluation", 3),
