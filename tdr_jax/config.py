@@ -143,6 +143,9 @@ class EvalConfig:
   eval_batch_size: int = field(256, "Test users per retrieval batch.", fingerprint=False)
   max_eval_users: int | None = field(None, "Evaluate on the first N test users only.",
                                      fingerprint=False)
+  beam_diagnostics: bool = field(True, "Tree methods: per-level beam recall of the final tree "
+                                 "vs brute force on the test users (results.json, "
+                                 "beam_levels*.png).", fingerprint=False)
 
 
 @dataclasses.dataclass

@@ -89,12 +89,39 @@ def plot_curves(path: str, rounds: list[dict], forest_curve: list[dict], ks: Seq
   plt.close(fig)
 
 
+def plot_beam_diagnostics(path: str, diag: dict, ks: Sequence[int], title: str) -> None:
+  """PNG: beam recall per level (share of label items whose level-j ancestor the level-j beam
+  kept, `beam_diagnostics.level_recall`), with the beam's and the brute force's recall@K of the
+  same model at the leaf level."""
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  levels = diag["levels"]
+  ax.plot(levels, diag["beam_recall_per_level"], marker="o", color="C0",
+          label=f"beam {diag['beam_size']}: recall per level")
+  for i, k in enumerate(ks):
+    color = f"C{i + 1}"
+    ax.axhline(diag[f"brute_force_recall@{k}"], color=color, linestyle="--", alpha=0.8,
+               label=f"brute force R@{k}")
+    ax.plot([levels[-1]], [diag[f"beam_recall@{k}"]], marker="s", color=color, linestyle="none",
+            label=f"beam R@{k}")
+  ax.set_xlabel("tree level")
+  ax.set_ylabel("share of test label items")
+  ax.set_ylim(0.0, 1.02)
+  ax.set_xticks(levels)
+  ax.set_title(f"{title}: where the beam loses the labels")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
 
 def write_results(cfg, workdir: str, *, rows: list[dict], warnings: list[str],
                   per_method: dict[str, dict], data_summary: dict, num_users: int) -> dict:
   """Prints the table and writes workdir/results.json, results.md and, for the tree methods,
-  their rounds and forest tables and plots. `per_method`: label -> the tree method's output
-  (rounds, forest_curve, true_cat). Returns the results dict written to results.json."""
+  their rounds and forest tables and plots, and their per-level beam diagnostics
+  (results["beam_diagnostics"][label], beam_levels[-label].png). `per_method`: label -> the tree
+  method's output (rounds, forest_curve, true_cat, beam_diagnostics). Returns the results dict
+  written to results.json."""
   ks = cfg.eval.topk
   table = format_table(rows, ks)
   print(table)
@@ -133,6 +160,19 @@ def write_results(cfg, workdir: str, *, rows: list[dict], warnings: list[str],
       plot_name = "rounds.png" if single else f"rounds-{label}.png"
       plot_curves(os.path.join(workdir, plot_name), rounds, forest_curve, ks,
                   f"{cfg.data.dataset} {label}")
+    diag = out.get("beam_diagnostics")
+    if diag:
+      results.setdefault("beam_diagnostics", {})[label] = diag
+      plot_beam_diagnostics(os.path.join(
+          workdir, "beam_levels.png" if single else f"beam_levels-{label}.png"), diag, ks,
+          f"{cfg.data.dataset} {label}")
+      md += [f"## {label}: beam recall per level (final tree, beam {diag['beam_size']})", "",
+             "| level | " + " | ".join(str(j) for j in diag["levels"]) + " |",
+             "|---|" + "---|" * len(diag["levels"]),
+             "| beam recall | " + " | ".join(f"{v:.4f}" for v in diag["beam_recall_per_level"])
+             + " |", "", "Share of label items: " + ", ".join(
+                 f"beam R@{k} {diag[f'beam_recall@{k}']:.4f} vs brute force "
+                 f"{diag[f'brute_force_recall@{k}']:.4f}" for k in ks), ""]
     if forest_curve:
       md += [f"## {label}: forest vs last tree", "", "| trees | candidates/user | " + " | ".join(
           f"last F@{k} | forest F@{k}" for k in ks) + " |",

@@ -32,7 +32,7 @@ def test_fingerprint_skips_fields_marked_in_metadata():
   # checkpoints record it (with the first rectified level) instead.
   assert {"epochs", "beam_size", "topk", "eval_batch_size", "max_eval_users",
           "checkpoint_every", "log_every", "data_dir", "preset", "stop_after_step",
-          "rectify_estimator"} == skipped
+          "rectify_estimator", "beam_diagnostics"} == skipped
   assert base.replace(beam_size=40, epochs=3.0, topk=(1,)).fingerprint() == base.fingerprint()
   for change in (dict(num_negatives=5), dict(embed_dim=8), dict(tree_gap=2), dict(seed=1),
                  dict(dr_alpha=0.5), dict(loader_options=(("a", 1),))):

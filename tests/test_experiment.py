@@ -75,6 +75,23 @@ def test_results_files_and_rows(uninterrupted):
   assert oracle["f_measure@20"] > tdr["f_measure@20"] * 0.999
 
 
+def test_beam_diagnostics_written_and_plotted(uninterrupted):
+  """The final tree's per-level beam recall is in results.json next to brute force, with its
+  plot; the beam's user-mean recall@K is the row's recall@K."""
+  workdir, results = uninterrupted
+  diag = json.load(open(os.path.join(workdir, "results.json")))["beam_diagnostics"]["TDR(T)"]
+  assert os.path.exists(os.path.join(workdir, "beam_levels.png"))
+  assert diag["round"] == 1 and diag["beam_size"] == 20
+  assert diag["levels"] == list(range(diag["start_level"], diag["height"] + 1))
+  curve = diag["beam_recall_per_level"]
+  assert len(curve) == len(diag["levels"]) and all(a >= b for a, b in zip(curve, curve[1:]))
+  row = results["results"][0]
+  for k in (5, 10, 20):
+    assert diag[f"beam_recall_user_mean@{k}"] == pytest.approx(row[f"recall@{k}"])
+    assert 0.0 <= diag[f"brute_force_recall@{k}"] <= 1.0
+  assert curve[-1] >= diag["beam_recall@20"] - 1e-12
+
+
 def test_crash_and_resume_gives_same_metrics(uninterrupted, data_dir, tmp_path, capsys):
   _, full = uninterrupted
   workdir = str(tmp_path / "resumed")
@@ -227,6 +244,15 @@ def test_all_methods_one_table(data_dir, tmp_path):
       continue
     assert 0.0 < r["recall@20"] <= 1.0 and r["oracle_ratio@20"] <= 1.0 + 1e-9, r["method"]
     assert r["f_measure@20"] <= oracle["f_measure@20"] + 1e-9, r["method"]
+  # Every tree method's final tree carries its per-level beam diagnostics (PLT by path scores).
+  diags = results["beam_diagnostics"]
+  assert sorted(diags) == sorted(methods[:7])
+  assert [diags[m]["path_scores"] for m in methods[:7]] == [False, False, False, True] + [False] * 3
+  for m in methods[:7]:
+    assert diags[m]["beam_recall_user_mean@20"] == pytest.approx(
+        results["results"][methods.index(m)]["recall@20"]), m
+    assert os.path.exists(tmp_path / f"beam_levels-{m}.png")
+  print("beam diagnostics seconds", {m: round(d["seconds"], 2) for m, d in diags.items()})
   dr_row = results["results"][methods.index("DR")]
   assert dr_row["settings"]["dr_preset"] == "smoke"
   assert dr_row["settings"]["path_stats"]["max_path_size"] >= 1

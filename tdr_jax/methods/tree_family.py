@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from tdr_jax import beam_diagnostics
 from tdr_jax import forest as forest_lib
 from tdr_jax import label_tree
 from tdr_jax import rectification, sampling, scorer, train, training, tree_learning, warm_start
@@ -267,8 +268,9 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
   evaluates it, and (except after the last round) learns tree r+1 with the model fixed. Every
   round's (tree, model) is checkpointed under workdir/round_<r>/ and workdir/trees/; a rerun
   resumes inside the unfinished round. Returns rows (final tree, forest), estimator rows,
-  per-round rows and the forest curve. The initial tree's kind and the warm-start item
-  vectors come from the run's shared warm start (`ctx.warm_start()`).
+  per-round rows, the forest curve and the final tree's per-level beam diagnostics
+  (`beam_diagnostics.level_recall`; None with --nobeam_diagnostics). The initial tree's kind
+  and the warm-start item vectors come from the run's shared warm start (`ctx.warm_start()`).
   """
   ds, world, ev, eta, mesh = ctx.ds, ctx.world, ctx.ev, ctx.eta, ctx.mesh
   os.makedirs(workdir, exist_ok=True)
@@ -375,6 +377,16 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
   for key in ("round", "category_purity", "purity_mislabelled", "purity_labelled"):
     final.pop(key, None)
   rows = [final]
+  diagnostics = None
+  if cfg.eval.beam_diagnostics:
+    # Where the final tree's beam loses the test labels: recall per level vs brute force.
+    diag_tree, diag_params = models[-1]
+    diagnostics = beam_diagnostics.level_recall(
+        score_fn, diag_params, diag_tree, ev.history, ev.label_offsets, ev.label_items,
+        beam_size=cfg.eval.beam_size, ks=cfg.eval.topk, batch_size=cfg.eval.eval_batch_size,
+        mesh=mesh, path_scores=cfg.train.loss == "plt")
+    diagnostics["round"] = len(models) - 1
+    diagnostics["eval_seconds"] = rounds[-1]["settings"]["eval_seconds"]
   forest_curve = []
   if cfg.tree.forest and len(models) > 1:
     # The discriminator ranks candidates by what the method's beam search ranks leaves by.
@@ -399,7 +411,7 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
   # other settings, e.g. other beam sizes (experiments/ablate.py), without retraining.
   return {"rows": rows, "estimator_rows": estimator_rows, "rounds": rounds,
           "forest_curve": forest_curve, "true_cat": true_cat, "label": label,
-          "score_fn": score_fn, "models": models}
+          "score_fn": score_fn, "models": models, "beam_diagnostics": diagnostics}
 
 
 def _variant(**settings) -> Method:
