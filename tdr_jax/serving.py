@@ -198,6 +198,7 @@ class Retriever:
     self._compiled: dict = {}
     self.compiles = 0  # traces of the search (one per batch bucket, k, beam)
     self.last_stats: dict = {}
+    self.last_added: dict = {}  # the placements of the last add_items call
     self.total_unknown = 0
 
   # -- loading --
@@ -330,6 +331,180 @@ class Retriever:
 
       self._compiled[key] = jax.jit(fn)
     return self._compiled[key]
+
+  # -- new items without a rebuild --
+
+  @property
+  def tree(self) -> tree_lib.Tree:
+    """The (last round's) tree a tree method retrieves with; items added by `add_items`
+    included."""
+    if self.method not in tree_family.METHODS:
+      raise InputError(f"{self.method} has no tree index")
+    return self._model.info["trees"][-1]
+
+  def item_vectors(self, raw_ids: Sequence[Any] | None = None) -> np.ndarray:
+    """float32[n, D]: the leaf rows of the final scorer's node-embedding table of `raw_ids`
+    (default: every item, in vocabulary order) -- the space of `add_items(vectors=...)`."""
+    tree = self.tree
+    table = _node_table(self._model.info["params"][-1])
+    internal = self._known(raw_ids) if raw_ids is not None else np.arange(len(self.vocab))
+    return table[np.asarray(tree.item_paths)[internal, tree.height]].astype(np.float32)
+
+  def _known(self, raw_ids: Sequence[Any]) -> np.ndarray:
+    missing = [str(x) for x in raw_ids if str(x) not in self.index]
+    if missing:
+      raise InputError(f"unknown item ids {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return np.asarray([self.index[str(x)] for x in raw_ids], np.int64)
+
+  def add_items(self, raw_ids: Sequence[Any], *, vectors=None,
+                histories: Sequence[Sequence[Any]] | None = None) -> dict:
+    """Places items unseen at training time into free leaves of the tree, without a rebuild
+    or retraining; they are retrievable by the next `retrieve` (tree methods only).
+
+    Each new item gets a vector in the space of the final scorer's leaf embeddings: its row of
+    `vectors` (float[n, D], D = the scorer's embed_dim; `item_vectors()` gives the existing
+    items'), else the mean leaf row of the known items it co-occurs with in `histories`
+    (raw-id lists; every occurrence counts). Its nearest existing item is the one whose leaf
+    row is nearest (Euclidean), and it takes the free leaf whose lowest common ancestor with
+    that item's leaf is deepest (`tree.nearest_free_leaves`); when there are fewer free leaves
+    than new items the tree first grows by levels (`tree.grow_level`: every item moves to
+    the first child of its leaf, old node ids and rows are kept). Its leaf row is its vector;
+    the rows of the ancestors it makes non-empty are copied from its nearest item's ancestors
+    on the same levels (so its path scores like that item's); other rows are unchanged. With
+    the forest, every round's tree and table are updated the same way (each round's own
+    nearest item).
+
+    Refused (InputError, nothing changed): ids already in the vocabulary or repeated; items
+    with no vector and no known co-occurring item; non-tree methods.
+
+    The first call pads the served item arrays to the tree's leaf capacity (one more
+    compilation); later calls reuse the compiled search until the tree grows.
+
+    Returns:
+      {"items": [{"id", "leaf", "nearest", "lca_level"} per new item (last round's tree)],
+       "grown_levels": levels added, "height": the tree height}.
+    """
+    if self.method not in tree_family.METHODS:
+      raise InputError(f"add_items: {self.method} has no tree index (tree methods only)")
+    ids = [str(x) for x in raw_ids]
+    if isinstance(raw_ids, (str, bytes)) or not ids:
+      raise InputError("add_items: give a non-empty list of item ids")
+    known = [x for x in ids if x in self.index]
+    if known:
+      raise InputError(f"add_items: {len(known)} ids already in the vocabulary: "
+                       f"{known[:5]}{' ...' if len(known) > 5 else ''}")
+    if len(set(ids)) != len(ids):
+      dup = sorted({x for x in ids if ids.count(x) > 1})
+      raise InputError(f"add_items: ids repeated in the call: {dup[:5]}")
+    n = len(ids)
+    info = self._model.info
+    trees, params = list(info["trees"]), list(info["params"])
+    tables = [_node_table(p) for p in params]
+    width = tables[-1].shape[1]
+    co = None
+    if vectors is not None:
+      vec = np.asarray(vectors, np.float64)
+      if vec.shape != (n, width):
+        raise InputError(f"add_items: vectors must be float[{n}, {width}] (the scorer's leaf "
+                         f"embedding space, see item_vectors()), got {vec.shape}")
+      if not np.isfinite(vec).all():
+        raise InputError("add_items: vectors contain NaN or inf")
+    else:
+      co = _co_occurring(ids, histories or [], self.index)
+      lonely = [x for x, c in zip(ids, co) if not c]
+      if lonely:
+        raise InputError(f"add_items: {len(lonely)} items have neither a vector nor a known "
+                         f"co-occurring item in the histories: "
+                         f"{lonely[:5]}{' ...' if len(lonely) > 5 else ''}")
+    placed, grown = [], 0
+    for r, (tree, table) in enumerate(zip(trees, tables)):
+      leaf_rows = table[np.asarray(tree.item_paths)[:, tree.height]].astype(np.float64)
+      vec_r = vec if co is None else np.stack([leaf_rows[c].mean(axis=0) for c in co])
+      nearest = _nearest_rows(vec_r, leaf_rows)
+      old, grown = tree, 0
+      while tree.num_items + n > tree.num_leaves:
+        tree, _ = tree_lib.grow_level(tree)
+        grown += 1
+      if grown:
+        table = tree_lib.grow_node_rows(table, old, tree)
+      near_paths = np.asarray(tree.item_paths)[nearest]  # [n, H+1], after growth
+      leaves, lca = tree_lib.nearest_free_leaves(tree, np.asarray(tree.item_to_leaf)[nearest])
+      new = tree_lib.insert_items(tree, leaves)
+      tree_lib.validate(new, balanced=False)
+      table = table.copy()
+      was_valid = np.asarray(tree.node_valid).copy()
+      new_paths = np.asarray(new.item_paths)[tree.num_items:]
+      for i in range(n):
+        for j in range(new.height + 1):
+          g = new_paths[i, j]
+          if not was_valid[g]:  # a node this call made non-empty (first item wins)
+            table[g] = vec_r[i] if (j == new.height and co is None) else table[near_paths[i, j]]
+            was_valid[g] = True
+      trees[r], tables[r] = new, table
+      placed = [{"id": x, "leaf": int(leaf), "nearest": str(self.vocab[m]), "lca_level": int(a)}
+                for x, leaf, m, a in zip(ids, leaves, nearest, lca)]
+    new_params = [tree_family._map_node_table(p, lambda x, t=t: t.astype(x.dtype))
+                  for p, t in zip(params, tables)]
+    # Commit (nothing above changed the Retriever).
+    info["trees"], info["params"] = trees, new_params
+    self._model.args = jax.device_put(([_served_tree(t) for t in trees], new_params))
+    self.vocab = np.concatenate([self.vocab, np.asarray(ids, dtype=str)])
+    base = len(self.index)
+    self.index.update({x: base + i for i, x in enumerate(ids)})
+    self.last_added = {"items": placed, "grown_levels": grown, "height": trees[-1].height}
+    return self.last_added
+
+
+# ---- adding items (Retriever.add_items) ------------------------------------------------------
+
+def _node_table(params) -> np.ndarray:
+  """The scorer's node-embedding table float[num_nodes, D] (numpy) of `params`."""
+  found = []
+  tree_family._map_node_table(params, lambda x: found.append(x) or x)
+  if len(found) != 1:
+    raise ValueError(f"expected one node-embedding table, found {len(found)}")
+  return found[0]
+
+
+def _served_tree(tree: tree_lib.Tree) -> tree_lib.Tree:
+  """`tree` with its per-item arrays padded to the leaf capacity B**H (num_items = B**H; the
+  padding rows are -1 and never read: no history or leaf names those items), so adding items
+  changes array values, not shapes, until the tree grows. Only for the jitted search."""
+  cap, n = tree.num_leaves, tree.num_items
+  pad = lambda a: np.concatenate(  # noqa: E731
+      [np.asarray(a), np.full((cap - n,) + np.shape(a)[1:], -1, np.int32)])
+  return dataclasses.replace(tree, item_to_leaf=pad(tree.item_to_leaf),
+                             item_paths=pad(tree.item_paths), num_items=cap)
+
+
+def _co_occurring(ids: list[str], histories, index: dict) -> list[list[int]]:
+  """For each new raw id, the internal ids of the known items in the histories containing it
+  (one entry per occurrence; the item itself and other unknown ids excluded)."""
+  if isinstance(histories, (str, bytes)):
+    raise InputError("add_items: histories must be a list of raw-id lists")
+  want = {x: i for i, x in enumerate(ids)}
+  out: list[list[int]] = [[] for _ in ids]
+  for h in histories:
+    if isinstance(h, (str, bytes)):
+      raise InputError("add_items: a history must be a list of item ids, not one string")
+    h = [str(x) for x in h]
+    known = [index[x] for x in h if x in index]
+    for x in set(h):
+      if x in want:
+        out[want[x]].extend(known)
+  return out
+
+
+def _nearest_rows(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """int64[n]: the row of `rows` [N, D] nearest (Euclidean) to each query [n, D]; ties go to
+  the smaller index. Chunked over queries (at most ~2^24 distances at once)."""
+  sq = np.einsum("nd,nd->n", rows, rows)
+  out = np.empty(len(queries), np.int64)
+  step = max(1, (1 << 24) // max(len(rows), 1))
+  for lo in range(0, len(queries), step):
+    q = queries[lo:lo + step]
+    out[lo:lo + step] = np.argmin(sq[None, :] - 2.0 * q @ rows.T, axis=1)
+  return out
 
 
 def _vocabulary(workdir: str, cfg: Config):

@@ -52,6 +52,12 @@ __all__ = [
     "item_leaf_nodes",
     "leaf_order",
     "remap_node_rows",
+    "free_leaves",
+    "lca_level",
+    "nearest_free_leaves",
+    "insert_items",
+    "grow_level",
+    "grow_node_rows",
     "validate",
     "from_leaf_order",
     "from_item_to_leaf",
@@ -401,6 +407,144 @@ def remap_node_rows(rows, old: Tree, new: Tree) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
+# Adding items after training (serving's add_items)
+# --------------------------------------------------------------------------
+
+
+def free_leaves(tree: Tree) -> np.ndarray:
+  """``int32[F]``: the leaf indices that hold no item, ascending."""
+  return np.flatnonzero(np.asarray(tree.leaf_to_item) < 0).astype(np.int32)
+
+
+def lca_level(leaf_a, leaf_b, *, branching: int, height: int) -> np.ndarray:
+  """Level of the lowest common ancestor of leaf indices ``leaf_a`` and
+  ``leaf_b`` (broadcasting): ``height`` when they are the same leaf, ``0``
+  when only the root is shared."""
+  b = _check_branching(branching)
+  a = np.asarray(leaf_a, dtype=np.int64)
+  c = np.asarray(leaf_b, dtype=np.int64)
+  a, c = np.broadcast_arrays(a, c)
+  level = np.full(a.shape, height, dtype=np.int32)
+  a, c = a.copy(), c.copy()
+  for _ in range(height):
+    differ = a != c
+    if not differ.any():
+      break
+    level -= differ
+    a //= b
+    c //= b
+  return level
+
+
+def nearest_free_leaves(tree: Tree, near_leaves) -> tuple[np.ndarray, np.ndarray]:
+  """Free leaves for new items, each as close as possible to a given leaf.
+
+  New item ``i`` (in order) takes the free leaf whose lowest common ancestor
+  with leaf index ``near_leaves[i]`` (its nearest existing item's leaf) is
+  deepest; ties go to the leaf nearest by leaf index, then to the smaller
+  index. A leaf taken by an earlier new item is no longer free. (The free
+  leaves of the deepest shared subtree are contiguous around the given leaf,
+  so the best one is its predecessor or successor among the free leaves.)
+
+  Returns:
+    ``(leaves int32[n], lca int32[n])``: the chosen leaf indices and the level
+    of their lowest common ancestor with ``near_leaves``.
+  Raises:
+    ValueError: fewer free leaves than new items (grow the tree first).
+  """
+  import bisect
+
+  near = np.asarray(near_leaves, dtype=np.int64).reshape(-1)
+  b, h = tree.branching, tree.height
+  free = free_leaves(tree).tolist()
+  if len(free) < near.shape[0]:
+    raise ValueError(f"{near.shape[0]} new items but only {len(free)} free leaves "
+                     "(grow the tree first: grow_level)")
+  if near.size and (near.min() < 0 or near.max() >= tree.num_leaves):
+    raise ValueError(f"near_leaves must lie in [0, {tree.num_leaves})")
+  out = np.empty(near.shape[0], dtype=np.int32)
+  lca = np.empty(near.shape[0], dtype=np.int32)
+  for i, leaf in enumerate(near.tolist()):
+    pos = bisect.bisect_left(free, leaf)
+    cands = [p for p in (pos - 1, pos) if 0 <= p < len(free)]
+    keys = [(int(lca_level(free[p], leaf, branching=b, height=h)), -abs(free[p] - leaf),
+             -free[p]) for p in cands]
+    k = max(range(len(cands)), key=lambda t: keys[t])
+    out[i], lca[i] = free[cands[k]], keys[k][0]
+    free.pop(cands[k])
+  return out, lca
+
+
+def insert_items(tree: Tree, leaves) -> Tree:
+  """The tree with new items ``N .. N + n - 1`` on the free leaf indices
+  ``leaves: int[n]`` (distinct). Existing items keep their leaves, the height
+  is unchanged; the result is not balanced in general (check it with
+  ``validate(tree, balanced=False)``)."""
+  leaves = np.asarray(leaves).reshape(-1)
+  if not np.issubdtype(leaves.dtype, np.integer) and leaves.size:
+    raise ValueError(f"leaves must be integer, got dtype {leaves.dtype}")
+  leaves = leaves.astype(np.int64)
+  if leaves.size and (leaves.min() < 0 or leaves.max() >= tree.num_leaves):
+    raise ValueError(f"leaves must lie in [0, {tree.num_leaves})")
+  if np.unique(leaves).shape[0] != leaves.shape[0]:
+    raise ValueError("two new items on one leaf")
+  taken = np.asarray(tree.leaf_to_item)[leaves] >= 0
+  if taken.any():
+    leaf = int(leaves[np.argmax(taken)])
+    raise ValueError(f"leaf {leaf} already holds item {int(np.asarray(tree.leaf_to_item)[leaf])}")
+  i2l = np.concatenate([np.asarray(tree.item_to_leaf, dtype=np.int64), leaves])
+  return _assemble(i2l.astype(np.int32), tree.branching, tree.height)
+
+
+def grow_level(tree: Tree) -> tuple[Tree, np.ndarray]:
+  """The tree one level taller, every item under the same ancestors.
+
+  Every leaf node becomes an internal node with ``B`` new leaves below it; the
+  item of old leaf index ``l`` moves to new leaf index ``l * B`` (the first
+  child of its old leaf node), so ``B - 1`` free leaves open next to every
+  item. In the heap layout the level offsets do not depend on the height, so
+  every old node keeps its global id (levels ``0..H``) and its place; the new
+  level's nodes are appended after them.
+
+  Returns:
+    ``(grown tree, node_map int32[old num_nodes])``: the grown tree's global id
+    of every old node (the identity, by the layout) for moving per-node rows
+    (see :func:`grow_node_rows`). The grown tree passes
+    ``validate(tree, balanced=False)``.
+  """
+  b, h = tree.branching, tree.height
+  level_offsets_for(branching=b, height=h + 1)  # raises when the ids overflow int32
+  i2l = np.asarray(tree.item_to_leaf).astype(np.int64) * b
+  grown = _assemble(i2l.astype(np.int32), b, h + 1)
+  return grown, np.arange(tree.num_nodes, dtype=np.int32)
+
+
+def grow_node_rows(rows, old: Tree, new: Tree) -> np.ndarray:
+  """Per-node rows (an embedding table) of ``old`` moved to ``new`` (``old``
+  grown by :func:`grow_level`, any number of times): old nodes keep their rows,
+  and every node of a new level gets the row of its ancestor on ``old``'s leaf
+  level (an item's new leaf starts with its old leaf's row).
+
+  ``rows: float[old.num_nodes, ...]`` -> ``float[new.num_nodes, ...]``.
+  """
+  rows = np.asarray(rows)
+  if (old.branching != new.branching or new.height < old.height
+      or rows.shape[0] != old.num_nodes):
+    raise ValueError(f"rows [{rows.shape[0]}] of a tree B={old.branching}, H={old.height} "
+                     f"cannot move to B={new.branching}, H={new.height}")
+  b = old.branching
+  out = np.empty((new.num_nodes,) + rows.shape[1:], dtype=rows.dtype)
+  out[: old.num_nodes] = rows
+  top = np.arange(old.first_leaf, old.num_nodes, dtype=np.int64)  # old leaf nodes
+  for j in range(old.height + 1, new.height + 1):
+    lo = level_start(b, j)
+    span = b ** (j - old.height)
+    # Level j's nodes in heap order: each old leaf's subtree holds `span` consecutive ones.
+    out[lo : lo + (old.num_nodes - old.first_leaf) * span] = np.repeat(rows[top], span, axis=0)
+  return out
+
+
+# --------------------------------------------------------------------------
 # Construction
 # --------------------------------------------------------------------------
 
@@ -544,7 +688,7 @@ def _expect(name: str, arr: np.ndarray, shape: tuple, kind: str) -> None:
     raise ValueError(f"{name}: wrong dtype, expected bool, got {arr.dtype}")
 
 
-def validate(tree: Tree) -> None:
+def validate(tree: Tree, *, balanced: bool = True) -> None:
   """Check every structural invariant; raise ``ValueError`` naming the first
   one broken.
 
@@ -554,6 +698,12 @@ def validate(tree: Tree) -> None:
   ``leaf_to_item`` its inverse with ``-1`` elsewhere, ``item_paths`` equal to
   the ancestors of each leaf, ``node_valid`` equal to "subtree holds >= 1
   item", and balance (sibling subtrees differ by at most one item).
+
+  ``balanced=False`` checks a tree changed after training by
+  :func:`insert_items` / :func:`grow_level` (serving's ``add_items``): items
+  sit next to their neighbours, not by the balanced rule, and a grown tree may
+  be taller than ``ceil(log_B N)``; the height rule and the balance check are
+  skipped, every other invariant is checked.
   """
   b, h, n = tree.branching, tree.height, tree.num_items
   if not isinstance(b, (int, np.integer)) or b < 2:
@@ -561,6 +711,10 @@ def validate(tree: Tree) -> None:
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"num_items must be a positive integer, got {n!r}")
   want_h = tree_height(n, branching=b)
+  if not balanced:
+    if not isinstance(h, (int, np.integer)) or h < want_h:
+      raise ValueError(f"height {h!r} < ceil(log_{b} {n}) = {want_h} (too few leaves)")
+    want_h = h
   if h != want_h:
     raise ValueError(
         f"height {h} != ceil(log_{b} {n}) = {want_h} (wrong tree height for {n} items)"
@@ -671,7 +825,7 @@ def validate(tree: Tree) -> None:
         f"node_valid wrong: node {g} has node_valid={bool(valid[g])} but its "
         f"subtree holds {'some' if want_valid[g] else 'no'} items"
     )
-  for j in range(h):
+  for j in range(h if balanced else 0):
     # reshape(-1, B): rows are sibling groups (children of one level-j node).
     sib = level_counts[j + 1].reshape(-1, b)
     spread = sib.max(axis=1) - sib.min(axis=1)
