@@ -57,6 +57,15 @@ def export(workdir: str, out: str, *, method=None, k: int = 50, beam_size=None,
     raise InputError(f"--platforms={','.join(platforms)}: choose from "
                      f"{', '.join(KNOWN_PLATFORMS)}")
   r = serving.Retriever.load(workdir, method=method, use_forest=use_forest)
+  return export_retriever(r, out, k=k, beam_size=beam_size, platforms=platforms)
+
+
+def export_retriever(r: serving.Retriever, out: str, *, k: int = 50, beam_size=None,
+                     platforms=exporting.PLATFORMS) -> dict:
+  """Writes the artifact of a loaded Retriever (also one with items added by `add_items`)."""
+  if k < 1:
+    raise InputError(f"--k={k} must be at least 1")
+  workdir, use_forest = r.workdir, r.use_forest
   if r.method not in EXPORTABLE:
     raise InputError(f"--method={r.method}: only {', '.join(EXPORTABLE)} can be exported "
                      f"(the brute-force models are served by experiments/retrieve.py)")

@@ -3,6 +3,7 @@ Python process that imports only jax and numpy (never tdr_jax), the exported fun
 the in-process Retriever's top-K for two batch sizes (batch-polymorphic), raw ids in and out;
 bad flags end in one line, status 2."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from tdr_jax import experiment, serving
+from tdr_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "export.py")
@@ -32,7 +34,7 @@ for n in (3, len(histories)):
   items, scores = r.retrieve(histories[:n])
   out["loader"][n] = {"items": items, "scores": scores, "stats": r.last_stats}
 internal, _ = r.to_internal(histories)
-for n in (2, 5):  # the exported function itself, at exact (unpadded) batch sizes
+for n in (5,):  # the exported function itself, at an exact (unpadded) batch size
   items, scores = r.exported.call(internal[:n], *r.arrays)
   out["direct"][n] = {"items": np.asarray(items).tolist(), "scores": np.asarray(scores).tolist()}
 out["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("tdr_jax", "flax", "orbax", "optax"))
@@ -53,7 +55,16 @@ def export_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def export_module():
+  """experiments/export.py loaded in this process (its flags: out, k, use_forest, platforms)."""
+  spec = importlib.util.spec_from_file_location("tdr_export_cli", CLI)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, export_module):
   """(workdir, artifact folder, dataset, eval set) of a tiny one-round TDR(T) run."""
   data_dir = str(tmp_path_factory.mktemp("data"))
   workdir = str(tmp_path_factory.mktemp("run"))
@@ -61,9 +72,8 @@ def artifact(tmp_path_factory):
                                tree_learning="none", tree_rounds=1, beam_diagnostics=False)
   experiment.train_and_evaluate(cfg, workdir)
   out = str(tmp_path_factory.mktemp("art") / "retriever")
-  p = export_cli(f"--workdir={workdir}", f"--out={out}", f"--k={K}")
-  assert p.returncode == 0, p.stderr
-  assert "platforms=" in p.stdout
+  manifest = export_module.export(workdir, out, k=K)
+  assert manifest["platforms"] == ["cpu", "cuda"], manifest["platforms_note"]
   ds, _ = experiment.load_data(cfg)
   return workdir, out, ds, experiment.evaluation_set(cfg, ds)
 
@@ -122,12 +132,13 @@ def test_artifact_files_and_loader_cli(artifact, tmp_path):
   assert [l.split("\t")[0] for l in p.stdout.splitlines()] == ["1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--learning_rate=0.1"], "a training setting"),
-    (["--k=30"], "exceeds the beam size"),
-])
-def test_bad_flags_one_line_exit_2(artifact, tmp_path, args, message):
+def test_bad_flags_one_line_exit_2(artifact, export_module, tmp_path):
   workdir = artifact[0]
-  p = export_cli(f"--workdir={workdir}", f"--out={tmp_path / 'x'}", *args)
+  p = export_cli(f"--workdir={workdir}", f"--out={tmp_path / 'x'}", "--learning_rate=0.1")
   assert p.returncode == 2
-  assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and message in p.stderr
+  assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ")
+  assert "a training setting" in p.stderr
+  with pytest.raises(InputError, match="exceeds the beam size 20"):
+    export_module.export(workdir, str(tmp_path / "y"), k=30)
+  with pytest.raises(InputError, match="--platforms"):
+    export_module.export(workdir, str(tmp_path / "y"), platforms=("gpu",))
