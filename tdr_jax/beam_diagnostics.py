@@ -107,15 +107,16 @@ def topk_hits(items: jax.Array, labels: jax.Array, ks: Sequence[int]) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "brute_fn", "beam_size", "ks",
-                                             "path_scores"))
+                                             "path_scores", "chunk_size"))
 def _batch_hits(score_fn, brute_fn, params, tree, history, labels, *, beam_size: int,
-                ks: tuple[int, ...], path_scores: bool):
+                ks: tuple[int, ...], path_scores: bool, chunk_size: int):
   """One user batch: (level hits [U, n], beam top-K hits [U, |ks|], brute-force hits)."""
   kmax = max(ks)
   trace = bs.beam_trace(score_fn, params, tree, history, beam_size=beam_size,
                         path_scores=path_scores)
   beam_items, _ = bs._leaf_items(tree, trace.beam, trace.beam_scores, kmax)
-  brute_items, _ = bs.brute_force(brute_fn, params, tree, history, topk=kmax)
+  brute_items, _ = bs.brute_force(brute_fn, params, tree, history, topk=kmax,
+                                  chunk_size=chunk_size)
   return (level_hits(trace, tree, labels, beam_size=beam_size),
           topk_hits(beam_items, labels, ks), topk_hits(brute_items, labels, ks))
 
@@ -138,10 +139,19 @@ def _shares(hits: np.ndarray, num_labels: np.ndarray) -> tuple[list[float], list
   return pooled, mean
 
 
+def brute_force_chunk(*, num_items: int, batch_size: int, history_len: int,
+                      attention_width: int, levels: int = 1,
+                      max_elements: int = 1 << 25) -> int:
+  """Items per brute-force chunk so that the DIN activations [batch, chunk, L, A] (times the
+  `levels` nodes of a path for path scores) stay within `max_elements` floats."""
+  per_item = batch_size * history_len * max(attention_width, 1) * max(levels, 1)
+  return max(1, min(num_items, max_elements // per_item))
+
+
 def level_recall(score_fn, params, tree: tree_lib.Tree, history: np.ndarray,
                  label_offsets: np.ndarray, label_items: np.ndarray, *, beam_size: int,
                  ks: Sequence[int], batch_size: int, mesh: Mesh,
-                 path_scores: bool = False) -> dict:
+                 path_scores: bool = False, chunk_size: int = 4096) -> dict:
   """Beam recall per level, beam and brute-force recall@K of one model on its tree, for all
   users in fixed-size batches over the mesh (`parallel.map_user_batches`).
 
@@ -152,6 +162,8 @@ def level_recall(score_fn, params, tree: tree_lib.Tree, history: np.ndarray,
     beam_size: k; ks: cut-offs K (<= k).
     batch_size: users per batch; mesh: the data mesh.
     path_scores: PLT: the beam and the brute force rank by path log-probabilities.
+    chunk_size: items the brute force scores at a time (its activations grow with
+      batch x chunk; size it from the scorer, e.g. `brute_force_chunk`).
   Returns:
     A JSON-ready dict: `levels` [s..H]; `beam_recall_per_level` (share of all label items
     whose level-j ancestor the level-j beam kept) and `beam_recall_per_level_user_mean` (the
@@ -171,7 +183,8 @@ def level_recall(score_fn, params, tree: tree_lib.Tree, history: np.ndarray,
   params_dev, tree_dev = parallel.replicate((params, tree), mesh)
   lv, beam, brute = parallel.map_user_batches(
       lambda h, lab: _batch_hits(score_fn, brute_fn, params_dev, tree_dev, h, lab,
-                                 beam_size=beam_size, ks=ks, path_scores=path_scores),
+                                 beam_size=beam_size, ks=ks, path_scores=path_scores,
+                                 chunk_size=int(chunk_size)),
       [np.asarray(history, np.int32), labels], batch_size=batch_size, mesh=mesh)
   s = bs.start_level(branching=tree.branching, height=tree.height, beam_size=beam_size)
   out = {"beam_size": int(beam_size), "start_level": int(s), "height": int(tree.height),

@@ -60,6 +60,24 @@ def test_hand_computed_level_recall(hand_case):
   assert d["brute_force_recall@2"] == pytest.approx(2 / 5)
   assert d["brute_force_recall_user_mean@2"] == pytest.approx((1 / 3 + 1 / 2) / 2)
   assert d["beam_recall_user_mean@1"] == pytest.approx((1 / 3) / 2)
+  # Brute force in chunks of 3 items (a running top-K merge) gives the same shares.
+  small = bd.level_recall(table_score, table, t, np.asarray(user_history(2)), offsets, items,
+                          beam_size=2, ks=(1, 2), batch_size=4, mesh=parallel.make_mesh(),
+                          chunk_size=3)
+  assert {k: v for k, v in small.items() if k != "seconds"} == {
+      k: v for k, v in d.items() if k != "seconds"}
+
+
+def test_brute_force_chunk_bounds_the_activations():
+  # 2^25 / (256 * 20 * 16) = 409 items per chunk (default preset); paper: 2^25 / (256*69*36).
+  assert bd.brute_force_chunk(num_items=4918, batch_size=256, history_len=20,
+                              attention_width=16) == 409
+  assert bd.brute_force_chunk(num_items=4918, batch_size=256, history_len=69,
+                              attention_width=36) == 52
+  assert bd.brute_force_chunk(num_items=4918, batch_size=256, history_len=20,
+                              attention_width=16, levels=13) == 31
+  assert bd.brute_force_chunk(num_items=100, batch_size=1, history_len=2,
+                              attention_width=1) == 100  # never more than the items
 
 
 def test_padding_is_ignored(hand_case):

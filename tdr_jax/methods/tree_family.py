@@ -384,7 +384,11 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
     diagnostics = beam_diagnostics.level_recall(
         score_fn, diag_params, diag_tree, ev.history, ev.label_offsets, ev.label_items,
         beam_size=cfg.eval.beam_size, ks=cfg.eval.topk, batch_size=cfg.eval.eval_batch_size,
-        mesh=mesh, path_scores=cfg.train.loss == "plt")
+        mesh=mesh, path_scores=cfg.train.loss == "plt",
+        chunk_size=beam_diagnostics.brute_force_chunk(
+            num_items=diag_tree.num_items, batch_size=cfg.eval.eval_batch_size,
+            history_len=cfg.data.history_len, attention_width=max(cfg.model.attention_hidden),
+            levels=diag_tree.height if cfg.train.loss == "plt" else 1))
     diagnostics["round"] = len(models) - 1
     diagnostics["eval_seconds"] = rounds[-1]["settings"]["eval_seconds"]
   forest_curve = []
