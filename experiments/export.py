@@ -47,6 +47,15 @@ EXPORTABLE = tuple(tree_family.METHODS) + ("dr",)
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
+def _check_out(out: str) -> None:
+  """--out must be a folder or a path that can become one (checked before any work)."""
+  path = os.path.abspath(out)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise InputError(f"--out={out}: {path} exists and is not a folder")
+
+
 def export(workdir: str, out: str, *, method=None, k: int = 50, beam_size=None,
            use_forest: bool = False, platforms=exporting.PLATFORMS) -> dict:
   """Writes the artifact of `workdir`'s `method` into `out`; returns its manifest."""
@@ -56,6 +65,7 @@ def export(workdir: str, out: str, *, method=None, k: int = 50, beam_size=None,
   if bad or not platforms:
     raise InputError(f"--platforms={','.join(platforms)}: choose from "
                      f"{', '.join(KNOWN_PLATFORMS)}")
+  _check_out(out)
   r = serving.Retriever.load(workdir, method=method, use_forest=use_forest)
   return export_retriever(r, out, k=k, beam_size=beam_size, platforms=platforms)
 
@@ -65,6 +75,7 @@ def export_retriever(r: serving.Retriever, out: str, *, k: int = 50, beam_size=N
   """Writes the artifact of a loaded Retriever (also one with items added by `add_items`)."""
   if k < 1:
     raise InputError(f"--k={k} must be at least 1")
+  _check_out(out)
   workdir, use_forest = r.workdir, r.use_forest
   if r.method not in EXPORTABLE:
     raise InputError(f"--method={r.method}: only {', '.join(EXPORTABLE)} can be exported "

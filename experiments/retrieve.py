@@ -15,11 +15,12 @@ empty); an optional first row `user_id,history` is a header. E.g.
 Output (--output, default stdout): a CSV with the header `user_id,rank,item_id,score` and one
 row per retrieved item (rank 1 = best; a user may get fewer than --k rows). --history=a,b,c
 (comma-separated raw ids, oldest first) retrieves for one user and prints `rank item_id score`
-lines. Unknown item ids are dropped from the histories (never mapped to another item) and
+lines (with --output: writes that CSV, user_id empty). Unknown item ids are dropped from the histories (never mapped to another item) and
 counted on stderr; histories longer than the run's --history_len keep their most recent items.
 
 Bad input (a bad flag, a missing or unfinished workdir, a checkpoint that does not match the
-workdir's config.json, a malformed input row) ends with one line `error: <message>` on stderr
+workdir's config.json, a malformed or non-UTF-8 input file, an --output folder that does not
+exist) ends with one line `error: <message>` on stderr
 and exit status 2.
 """
 
@@ -56,17 +57,21 @@ def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
   if not os.path.isfile(path):
     raise InputError(f"--input={path}: no such file")
   users, histories = [], []
-  with open(path, newline="") as f:
-    for line, row in enumerate(csv.reader(f), start=1):
-      if not row or (len(row) == 1 and not row[0].strip()):
-        continue
-      if line == 1 and [c.strip() for c in row] == ["user_id", "history"]:
-        continue
-      if len(row) != 2:
-        raise InputError(f"{path}:{line}: expected 2 columns `user_id,history` (history = "
-                         f"space-separated item ids), got {len(row)}")
-      users.append(row[0].strip())
-      histories.append(row[1].split())
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      rows = list(csv.reader(f))
+  except UnicodeDecodeError as e:
+    raise InputError(f"--input={path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+  for line, row in enumerate(rows, start=1):
+    if not row or (len(row) == 1 and not row[0].strip()):
+      continue
+    if line == 1 and [c.strip() for c in row] == ["user_id", "history"]:
+      continue
+    if len(row) != 2:
+      raise InputError(f"{path}:{line}: expected 2 columns `user_id,history` (history = "
+                       f"space-separated item ids), got {len(row)}")
+    users.append(row[0].strip())
+    histories.append(row[1].split())
   return users, histories
 
 
@@ -82,6 +87,14 @@ def run(argv):
     raise InputError("pass exactly one of --input=histories.csv and --history=id1,id2,...")
   if FLAGS.k < 1:
     raise InputError(f"--k={FLAGS.k} must be at least 1")
+  if FLAGS.max_batch < 1:
+    raise InputError(f"--max_batch={FLAGS.max_batch} must be at least 1")
+  if FLAGS.output:
+    folder = os.path.dirname(os.path.abspath(FLAGS.output))
+    if not os.path.isdir(folder):
+      raise InputError(f"--output={FLAGS.output}: no such folder {folder}")
+    if os.path.isdir(FLAGS.output):
+      raise InputError(f"--output={FLAGS.output} is a folder; name the CSV file to write")
   if FLAGS.input is not None:
     users, histories = read_histories(FLAGS.input)
   else:
@@ -94,11 +107,14 @@ def run(argv):
   if stats["unknown_ids"]:
     sys.stderr.write(f"dropped {stats['unknown_ids']} unknown item ids ("
                      f"{stats['users_with_unknown_ids']} users)\n")
-  if FLAGS.history is not None:
+  if FLAGS.history is not None and not FLAGS.output:
     for rank, (item, score) in enumerate(zip(items[0], scores[0]), start=1):
       print(f"{rank}\t{item}\t{score:.6g}")
     return
-  out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
+  try:
+    out = open(FLAGS.output, "w", newline="") if FLAGS.output else sys.stdout
+  except OSError as e:
+    raise InputError(f"--output={FLAGS.output}: cannot write ({e.strerror})") from None
   try:
     w = csv.writer(out)
     w.writerow(["user_id", "rank", "item_id", "score"])

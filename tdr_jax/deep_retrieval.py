@@ -825,17 +825,23 @@ def freeze_after(optimizer: optax.GradientTransformation, steps: int,
                                labels)
 
 
-def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_size: int,
-                  max_train_samples: int) -> dict:
-  """What a checkpoint must match: the DRConfig less its evaluation/logging fields, the data
-  stream settings and the corpus."""
+def dr_identity(config: DRConfig) -> dict:
+  """The "dr" part of a checkpoint's identity: the DRConfig less its evaluation/logging fields
+  (and options left at their old defaults, so runs from before them keep their checkpoints)."""
   skip = {"beam_size", "eval_batch_size", "checkpoint_every", "log_every"}
   if config.init_paths == "random":  # runs from before the option keep their checkpoints
     skip |= {"init_paths", "init_kmeans_iters"}
   skip |= {k for k in ("first_estep_epochs", "rerank_esteps") if getattr(config, k) is None}
   if not config.prefix_bias:
     skip.add("prefix_bias")
-  return {"dr": {k: v for k, v in dataclasses.asdict(config).items() if k not in skip},
+  return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
+
+def _run_identity(config: DRConfig, ds, *, seed: int, history_len: int, batch_size: int,
+                  max_train_samples: int) -> dict:
+  """What a checkpoint must match: the DRConfig less its evaluation/logging fields, the data
+  stream settings and the corpus."""
+  return {"dr": dr_identity(config),
           "fit": {"seed": seed, "history_len": history_len, "batch_size": batch_size,
                   "max_train_samples": max_train_samples},
           "corpus": corpus_fingerprint(ds)}

@@ -48,6 +48,18 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
+def _platform() -> str:
+  """The export platform of jax's default backend: cpu, cuda, rocm or tpu (a "gpu" device is
+  cuda or rocm, as jax.export names them)."""
+  try:
+    return jax.export.default_export_platform()
+  except AttributeError:  # older jax: tell cuda from rocm by the client's platform version
+    d = jax.devices()[0]
+    if d.platform != "gpu":
+      return d.platform
+    return "rocm" if "rocm" in str(getattr(d.client, "platform_version", "")).lower() else "cuda"
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
@@ -71,17 +83,27 @@ class ExportedRetriever:
           raise ValueError(f"{folder}/{name}: sha256 differs from {MANIFEST_FILE}")
     self.k = int(self.manifest["k"])
     self.history_len = int(self.manifest["history_len"])
+    if int(max_batch) < 1:
+      raise ValueError(f"max_batch={max_batch} must be at least 1")
     self.max_batch = int(max_batch)
-    platform = jax.devices()[0].platform
-    platform = "cuda" if platform == "gpu" else platform
+    platform = _platform()
     if platform not in self.manifest["platforms"]:
       raise ValueError(f"{folder}: exported for {self.manifest['platforms']}, running on "
                        f"{platform}; export again with that platform")
     with open(os.path.join(folder, FUNCTION_FILE), "rb") as f:
       self.exported = jax.export.deserialize(bytearray(f.read()))
+    shapes = self.manifest["array_shapes"]  # [[shape, dtype], ...] in argument order
     with np.load(os.path.join(folder, ARRAYS_FILE)) as z:
-      names = sorted(z.files)
-      self.arrays = [jax.device_put(z[n]) for n in names]  # on the device once
+      names = [f"a{i:03d}" for i in range(len(shapes))]
+      if sorted(z.files) != sorted(names):
+        raise ValueError(f"{folder}/{ARRAYS_FILE}: holds {len(z.files)} arrays, "
+                         f"{MANIFEST_FILE} lists {len(shapes)}")
+      host = [z[n] for n in names]
+    for n, a, (shape, dtype) in zip(names, host, shapes):
+      if list(a.shape) != list(shape) or str(a.dtype) != dtype:
+        raise ValueError(f"{folder}/{ARRAYS_FILE}: {n} is {a.dtype}{list(a.shape)}, "
+                         f"{MANIFEST_FILE} says {dtype}{list(shape)}")
+    self.arrays = [jax.device_put(a) for a in host]  # on the device once
     with open(os.path.join(folder, VOCAB_FILE)) as f:
       self.vocab = np.asarray(json.load(f)["item_raw_ids"], dtype=str)
     self.index = {str(x): i for i, x in enumerate(self.vocab)}
@@ -154,34 +176,39 @@ def main(argv=None) -> int:
   p.add_argument("--input", help="CSV `user_id,history` (space-separated ids); optional header")
   p.add_argument("--output", help="CSV `user_id,rank,item_id,score` (default stdout)")
   p.add_argument("--k", type=int, default=None, help="items per user (<= the exported k)")
+  p.add_argument("--max_batch", type=int, default=256, help="users per call (>= 1)")
   a = p.parse_args(argv)
   try:
     if (a.history is None) == (a.input is None):
       raise ValueError("pass exactly one of --history=id1,id2,... and --input=histories.csv")
-    r = ExportedRetriever.load(a.folder)
+    r = ExportedRetriever.load(a.folder, max_batch=a.max_batch)
     if a.history is not None:
       users, histories = [""], [[x.strip() for x in a.history.split(",") if x.strip()]]
     else:
       users, histories = [], []
-      with open(a.input, newline="") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-          if not row or (line == 1 and [c.strip() for c in row] == ["user_id", "history"]):
-            continue
-          if len(row) != 2:
-            raise ValueError(f"{a.input}:{line}: expected 2 columns `user_id,history`")
-          users.append(row[0].strip())
-          histories.append(row[1].split())
+      try:
+        with open(a.input, newline="", encoding="utf-8") as f:
+          rows = list(csv.reader(f))
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{a.input}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+      for line, row in enumerate(rows, start=1):
+        if not row or (line == 1 and [c.strip() for c in row] == ["user_id", "history"]):
+          continue
+        if len(row) != 2:
+          raise ValueError(f"{a.input}:{line}: expected 2 columns `user_id,history`")
+        users.append(row[0].strip())
+        histories.append(row[1].split())
     items, scores = r.retrieve(histories, a.k)
+    out = open(a.output, "w", newline="") if a.output else sys.stdout
   except (ValueError, OSError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
   if r.last_stats["unknown_ids"]:
     sys.stderr.write(f"dropped {r.last_stats['unknown_ids']} unknown item ids\n")
-  if a.history is not None:
+  if a.history is not None and not a.output:
     for rank, (item, score) in enumerate(zip(items[0], scores[0]), start=1):
       print(f"{rank}\t{item}\t{score:.6g}")
     return 0
-  out = open(a.output, "w", newline="") if a.output else sys.stdout
   w = csv.writer(out)
   w.writerow(["user_id", "rank", "item_id", "score"])
   for user, row, sc in zip(users, items, scores):

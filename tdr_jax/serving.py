@@ -12,7 +12,8 @@ What it restores (the final state of the run, as its own evaluation retrieved wi
 * dr: the structure network, the final item paths and the reranker (workdir/checkpoints).
 * din, youtube_dnn: the trained networks (workdir/<name>/checkpoints), exact top-K.
 * itemcf: no state is saved; the similarity matrix is rebuilt from the corpus (the dataset is
-  loaded through the config; a sparse product, seconds at the preset sizes).
+  loaded through the config and must have the run's corpus fingerprint; a sparse product,
+  seconds at the preset sizes).
 
 The run's settings come from workdir/config.json; the item vocabulary (internal id -> raw id)
 from workdir/item_vocab.json (written by `experiment.train_and_evaluate`), or, for runs made
@@ -108,17 +109,21 @@ def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda v: np.asarray(v).tolist()))
 
 
-def _first_difference(got: dict, want: dict, prefix: str = "") -> str | None:
-  """`name recorded != expected` for the first key of `want` whose value differs."""
+def _first_difference(got: dict, want: dict, prefix: str = "", exact: bool = False
+                      ) -> str | None:
+  """`name recorded != expected` for the first key of `want` whose value differs (`exact`:
+  also keys only `got` has; a key one side lacks shows as `<unset>`)."""
   got, want = _jsonable(got), _jsonable(want)
-  for key in sorted(want):
-    if got.get(key) != want[key]:
-      if isinstance(got.get(key), dict) and isinstance(want[key], dict):
-        inner = _first_difference(got[key], want[key], f"{prefix}{key}.")
+  unset = "<unset>"
+  for key in sorted(set(want) | (set(got) if exact else set())):
+    g, w = got.get(key, unset), want.get(key, unset)
+    if g != w:
+      if isinstance(g, dict) and isinstance(w, dict):
+        inner = _first_difference(g, w, f"{prefix}{key}.", exact)
         if inner:
           return inner
         continue
-      return f"{prefix}{key} {got.get(key)!r} != {want[key]!r}"
+      return f"{prefix}{key} {g if g is unset else repr(g)} != {w if w is unset else repr(w)}"
   return None
 
 
@@ -193,7 +198,9 @@ class Retriever:
     self.index = {str(x): i for i, x in enumerate(vocab)}
     self.history_len = cfg.data.history_len
     self.use_forest = use_forest
-    self.max_batch = max_batch
+    if int(max_batch) < 1:
+      raise InputError(f"--max_batch={max_batch} must be at least 1")
+    self.max_batch = int(max_batch)
     self._model = model
     self._compiled: dict = {}
     self.compiles = 0  # traces of the search (one per batch bucket, k, beam)
@@ -208,13 +215,14 @@ class Retriever:
            max_batch: int = 256) -> "Retriever":
     """Restores the finished run in `workdir` (see the module docstring). `method`: which one
     of a multi-method workdir (`--method=a,b`); `use_forest`: a tree method's forest."""
+    if int(max_batch) < 1:
+      raise InputError(f"--max_batch={max_batch} must be at least 1")
     if not os.path.isdir(workdir):
       raise InputError(f"--workdir={workdir}: no such folder")
     for name in ("config.json", "results.json"):
       if not os.path.exists(os.path.join(workdir, name)):
         raise InputError(f"{workdir}: no {name}; not a finished run of experiments/run.py")
-    with open(os.path.join(workdir, "config.json")) as f:
-      cfg = config_from_json(json.load(f))
+    cfg = config_from_json(_read_json(os.path.join(workdir, "config.json")))
     names = parse_methods(cfg.method)
     servable = [n for n in names if n in SERVABLE]
     if method is None:
@@ -243,6 +251,10 @@ class Retriever:
     else:
       if ds is None:
         ds, _ = load_data(cfg)
+      if corpus_fingerprint(ds) != corpus_fp:
+        raise InputError(f"{workdir}: the corpus loaded through config.json (fingerprint "
+                         f"{corpus_fingerprint(ds)}) is not the run's ({corpus_fp}, "
+                         f"{VOCAB_FILE}); itemcf is rebuilt from it")
       model = _load_itemcf(mcfg, ds)
     return cls(workdir=workdir, method=method, cfg=mcfg, vocab=vocab, model=model,
                use_forest=use_forest, max_batch=max_batch)
@@ -363,19 +375,28 @@ class Retriever:
 
     Each new item gets a vector in the space of the final scorer's leaf embeddings: its row of
     `vectors` (float[n, D], D = the scorer's embed_dim; `item_vectors()` gives the existing
-    items'), else the mean leaf row of the known items it co-occurs with in `histories`
-    (raw-id lists; every occurrence counts). Its nearest existing item is the one whose leaf
-    row is nearest (Euclidean), and it takes the free leaf whose lowest common ancestor with
-    that item's leaf is deepest (`tree.nearest_free_leaves`); when there are fewer free leaves
-    than new items the tree first grows by levels (`tree.grow_level`: every item moves to
-    the first child of its leaf, old node ids and rows are kept). Its leaf row is its vector;
-    the rows of the ancestors it makes non-empty are copied from its nearest item's ancestors
-    on the same levels (so its path scores like that item's); other rows are unchanged. With
-    the forest, every round's tree and table are updated the same way (each round's own
-    nearest item).
+    items'), or (exactly one of the two) the mean leaf row of the known items it co-occurs
+    with in `histories` (raw-id lists; every occurrence counts). Its nearest existing item is
+    the one whose leaf row is nearest (Euclidean), and it takes the free leaf whose lowest
+    common ancestor with that item's leaf is deepest (`tree.nearest_free_leaves`); when there
+    are fewer free leaves than new items the tree first grows by levels (`tree.grow_level`:
+    every item moves to the first child of its leaf, old node ids and rows are kept). Its
+    leaf row is its vector when `vectors` are given, else (`histories`) a copy of its nearest
+    item's leaf row; the rows of the ancestors it makes non-empty are copied from its nearest
+    item's ancestors on the same levels (so its path scores like that item's); other rows are
+    unchanged. With the forest, every round's tree and table are updated the same way: with
+    `histories` each round's own mean row and nearest item; with `vectors` (the final model's
+    space) the nearest item of the final round, whose leaf row of each earlier round the new
+    item copies there.
 
-    Refused (InputError, nothing changed): ids already in the vocabulary or repeated; items
-    with no vector and no known co-occurring item; non-tree methods.
+    Growth keeps what old items score only where a score is the leaf's own node score: a
+    method ranking by path scores (plt: the sum of log-sigmoids of the nodes on the path) would
+    give every item an extra term from its new leaf, so there growth is refused (inserting
+    into free leaves is fine).
+
+    Refused (InputError, nothing changed): ids already in the vocabulary or repeated; both or
+    neither of `vectors` and `histories`, or items with no known co-occurring item; growth
+    under path scores (plt); non-tree methods.
 
     The first call pads the served item arrays to the tree's leaf capacity (one more
     compilation); later calls reuse the compiled search until the tree grows.
@@ -396,9 +417,16 @@ class Retriever:
     if len(set(ids)) != len(ids):
       dup = sorted({x for x in ids if ids.count(x) > 1})
       raise InputError(f"add_items: ids repeated in the call: {dup[:5]}")
+    if vectors is not None and histories is not None:
+      raise InputError("add_items: give vectors or histories, not both")
     n = len(ids)
     info = self._model.info
     trees, params = list(info["trees"]), list(info["params"])
+    if info.get("path_scores") and trees[-1].num_items + n > trees[-1].num_leaves:
+      raise InputError(
+          f"add_items: {n} new items need {trees[-1].num_items + n - trees[-1].num_leaves} "
+          f"more leaves than the tree's {trees[-1].num_leaves}, and growing it would change "
+          f"every item's path score ({self.method} ranks by path scores); retrain instead")
     tables = [_node_table(p) for p in params]
     width = tables[-1].shape[1]
     co = None
@@ -417,10 +445,19 @@ class Retriever:
                          f"co-occurring item in the histories: "
                          f"{lonely[:5]}{' ...' if len(lonely) > 5 else ''}")
     placed, grown = [], 0
+    if co is None:  # the vectors live in the final scorer's space: its nearest items
+      last = trees[-1]
+      nearest_final = _nearest_rows(
+          vec, tables[-1][np.asarray(last.item_paths)[:, last.height]].astype(np.float64))
     for r, (tree, table) in enumerate(zip(trees, tables)):
       leaf_rows = table[np.asarray(tree.item_paths)[:, tree.height]].astype(np.float64)
-      vec_r = vec if co is None else np.stack([leaf_rows[c].mean(axis=0) for c in co])
-      nearest = _nearest_rows(vec_r, leaf_rows)
+      if co is None:
+        nearest = nearest_final
+        # The final round takes the vectors; an earlier round its own row of the nearest item.
+        vec_r = vec if r == len(trees) - 1 else leaf_rows[nearest]
+      else:
+        vec_r = np.stack([leaf_rows[c].mean(axis=0) for c in co])
+        nearest = _nearest_rows(vec_r, leaf_rows)
       old, grown = tree, 0
       while tree.num_items + n > tree.num_leaves:
         tree, _ = tree_lib.grow_level(tree)
@@ -438,7 +475,8 @@ class Retriever:
         for j in range(new.height + 1):
           g = new_paths[i, j]
           if not was_valid[g]:  # a node this call made non-empty (first item wins)
-            table[g] = vec_r[i] if (j == new.height and co is None) else table[near_paths[i, j]]
+            own = j == new.height and co is None and r == len(trees) - 1
+            table[g] = vec_r[i] if own else table[near_paths[i, j]]
             was_valid[g] = True
       trees[r], tables[r] = new, table
       placed = [{"id": x, "leaf": int(leaf), "nearest": str(self.vocab[m]), "lca_level": int(a)}
@@ -507,12 +545,20 @@ def _nearest_rows(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
   return out
 
 
+def _read_json(path: str):
+  """The JSON of `path`; a file that is not (UTF-8) JSON is an InputError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"{path}: not a valid JSON file ({e})") from None
+
+
 def _vocabulary(workdir: str, cfg: Config):
   """(raw ids str[N], corpus fingerprint, the dataset if it had to be loaded or None)."""
   path = os.path.join(workdir, VOCAB_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      v = json.load(f)
+    v = _read_json(path)
     return np.asarray(v["item_raw_ids"], dtype=str), v["corpus_fingerprint"], None
   # A run made before the vocabulary file: load the dataset through the config.
   ds, _ = load_data(cfg)
@@ -589,8 +635,8 @@ def _load_dr(workdir, sub, cfg: Config, num_items, corpus_fp) -> _Model:
   _, dcfg = dr_family.dr_settings(cfg)
   ck = _Checkpoint(workdir, os.path.join(sub, "checkpoints"))
   record = ck.meta.get("record") or {}
-  dr_want = {k: v for k, v in dataclasses.asdict(dcfg).items() if k in (record.get("dr") or {})}
-  diff = (_first_difference(record.get("dr") or {}, dr_want, "dr.")
+  diff = (_first_difference(record.get("dr") or {}, deep_retrieval.dr_identity(dcfg), "dr.",
+                            exact=True)
           or _first_difference(record.get("fit") or {}, {
               "seed": cfg.seed, "history_len": cfg.data.history_len,
               "batch_size": cfg.train.batch_size,

@@ -169,10 +169,16 @@ def test_copy_of_an_item_is_retrieved_next_to_it(workdir):
   assert r.last_stats["unknown_ids"] == 0
   # A second call without growth reuses the compiled search (only values changed).
   compiles = r.compiles
-  x = [v for v in r.vocab if v != orig][0]
-  out = r.add_items(["from_history"], histories=[[x, "from_history", "unknown?"], [orig]])
-  assert out["items"][0]["nearest"] == x  # the mean of x's row alone is x's row
-  assert np.array_equal(r.item_vectors(["from_history"]), r.item_vectors([x]))
+  x, y = [v for v in r.vocab if v not in (orig, "copy")][:2]
+  # Every occurrence counts: x twice, y once -> mean (2 row_x + row_y) / 3; its nearest item
+  # (by leaf row) is the one placed next to, and its leaf row is copied from that item.
+  rows = r.item_vectors().astype(np.float64)
+  mean = (2 * rows[r.index[x]] + rows[r.index[y]]) / 3
+  want = str(r.vocab[np.argmin(((rows - mean) ** 2).sum(axis=1))])
+  out = r.add_items(["from_history"], histories=[[x, "from_history", "unknown?", y],
+                                                 [orig], ["from_history", x]])
+  assert out["items"][0]["nearest"] == want
+  assert np.array_equal(r.item_vectors(["from_history"]), r.item_vectors([want]))
   r.retrieve(hist, k=k + 1)
   assert r.compiles == compiles
   tree_lib.validate(r.tree, balanced=False)
@@ -222,6 +228,7 @@ def test_refusals_change_nothing(workdir):
       (dict(raw_ids=["a", "b"], histories=[["a", existing], ["b", "zz"]]),
        "neither a vector nor a known co-occurring item.*'b'"),
       (dict(raw_ids=["a"]), "neither a vector"),
+      (dict(raw_ids=["a"], vectors=np.zeros((1, 8)), histories=[["a", existing]]), "not both"),
       (dict(raw_ids=["a"], vectors=np.zeros((1, 3))), r"vectors must be float\[1, "),
       (dict(raw_ids=["a"], vectors=np.full((1, r.item_vectors().shape[1]), np.nan)), "NaN"),
       (dict(raw_ids=[]), "non-empty"),
@@ -236,3 +243,19 @@ def test_refusals_change_nothing(workdir):
                           model=r._model, use_forest=False)
   with pytest.raises(InputError, match="tree methods only"):
     din.add_items(["a"], vectors=np.zeros((1, 8)))
+
+
+def test_growth_refused_under_path_scores(workdir):
+  """PLT ranks by path scores (a sum over the path): growth would add the copied leaf row's
+  term to every item's score, so it is refused; filling free leaves is fine."""
+  r = serving.Retriever.load(workdir)
+  r._model.info["path_scores"] = True  # as a plt run loads
+  t = r.tree
+  free = t.num_leaves - t.num_items
+  rows = r.item_vectors()
+  r.add_items([f"fill{i}" for i in range(free)], vectors=rows[:free] + 0.01)
+  full, n = r.tree, len(r.vocab)
+  with pytest.raises(InputError, match=r"path scores.*retrain") as e:
+    r.add_items(["one_more"], vectors=rows[:1])
+  assert "\n" not in str(e.value)
+  assert r.tree is full and len(r.vocab) == n and full.height == t.height

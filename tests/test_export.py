@@ -6,6 +6,7 @@ bad flags end in one line, status 2."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -142,3 +143,37 @@ def test_bad_flags_one_line_exit_2(artifact, export_module, tmp_path):
     export_module.export(workdir, str(tmp_path / "y"), k=30)
   with pytest.raises(InputError, match="--platforms"):
     export_module.export(workdir, str(tmp_path / "y"), platforms=("gpu",))
+
+
+def test_out_that_is_a_file_refused(artifact, export_module, tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  for out in (f, f / "sub"):
+    with pytest.raises(InputError, match="exists and is not a folder"):
+      export_module.export(artifact[0], str(out))
+
+
+def test_loader_checks_max_batch_arrays_and_platform(artifact, tmp_path, monkeypatch):
+  import jax
+  from tdr_jax import export_loader
+  out = artifact[1]
+  with pytest.raises(ValueError, match="max_batch=0 must be at least 1"):
+    export_loader.ExportedRetriever.load(out, max_batch=0)
+  p = subprocess.run([sys.executable, os.path.join(out, "retriever_loader.py"), "--history=1",
+                      "--max_batch=0"], capture_output=True, text=True, env=env(),
+                     cwd=str(tmp_path), timeout=300)
+  assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ")
+  # The arrays are checked against the manifest (order a000, a001, ...; shapes and dtypes).
+  copy = tmp_path / "copy"
+  shutil.copytree(out, copy)
+  with open(copy / "manifest.json") as f:
+    manifest = json.load(f)
+  manifest["array_shapes"][1][0] = [7] + manifest["array_shapes"][1][0]
+  with open(copy / "manifest.json", "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(ValueError, match=r"a001 is .* manifest.json says"):
+    export_loader.ExportedRetriever.load(str(copy), verify=False)
+  # A gpu device is cuda or rocm, as jax.export names the platforms.
+  monkeypatch.setattr(jax.export, "default_export_platform", lambda: "rocm")
+  with pytest.raises(ValueError, match="running on rocm"):
+    export_loader.ExportedRetriever.load(out)

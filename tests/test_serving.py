@@ -172,14 +172,94 @@ def test_cli_writes_topk_with_raw_ids(run, tdr, tmp_path):
     got.setdefault(user, []).append(item)
     assert int(rank) == len(got[user])
   assert got == {f"user{i}": w for i, w in enumerate(want)}
+  # --history with --output writes the same CSV (user_id empty).
+  proc = cli(f"--workdir={workdir}", "--method=tdr_t", f"--history={','.join(hist[1])}",
+             "--k=5", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert out.read_text().splitlines() == ["user_id,rank,item_id,score"] + [
+      f",{i},{x},{s:.6g}" for i, (x, s) in enumerate(zip(want[1], tdr.retrieve(hist, k=5)[1][1]),
+                                                       start=1)]
 
 
 def test_cli_refuses_in_one_line(run, tmp_path):
+  latin1 = tmp_path / "latin1.csv"
+  latin1.write_bytes("u1,caf\xe9\n".encode("latin-1"))
   for args, words in (([f"--workdir={tmp_path / 'none'}", "--history=1"], ["no such folder"]),
                       ([f"--workdir={run[0]}", "--history=1", "--method=tdr_t", "--bogus"],
-                       ["bogus"])):
+                       ["bogus"]),
+                      ([f"--workdir={run[0]}", "--history=1", "--output=/nonexistent/x.csv"],
+                       ["--output=/nonexistent/x.csv", "no such folder"]),
+                      ([f"--workdir={run[0]}", f"--input={latin1}"], ["latin1.csv", "UTF-8"])):
     proc = cli(*args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def edited_copy(workdir, dest, edit, vocab_edit=None):
+  """A copy of `workdir` whose config.json (and item_vocab.json) `edit` changed in place."""
+  shutil.copytree(workdir, dest)
+  for name, fn in (("config.json", edit), (serving.VOCAB_FILE, vocab_edit)):
+    if fn is None:
+      continue
+    with open(os.path.join(dest, name)) as f:
+      d = json.load(f)
+    fn(d)
+    with open(os.path.join(dest, name), "w") as f:
+      json.dump(d, f)
+  return dest
+
+
+def test_dr_setting_the_checkpoint_lacks_is_refused(run, tmp_path):
+  """A DR setting the run left unset (so its record lacks it) but config.json sets is a
+  mismatch too (not an Orbax error on restoring another optimizer state)."""
+  copy = edited_copy(run[0], str(tmp_path / "c"),
+                     lambda c: c["dr"].update(dr_rerank_esteps=1))
+  with pytest.raises(InputError, match=r"dr\.rerank_esteps <unset> != 1") as e:
+    serving.Retriever.load(copy, method="dr")
+  assert "\n" not in str(e.value)
+
+
+def test_itemcf_checks_the_corpus(run, tmp_path):
+  def add_itemcf(c):
+    c["method"] += ",itemcf"
+
+  ok = edited_copy(run[0], str(tmp_path / "ok"), add_itemcf)
+  r = serving.Retriever.load(ok, method="itemcf")
+  ds, ev = run[3], run[4]
+  assert len(r.retrieve(raw_histories(ds, ev.history[:2]), k=5)[0][0]) == 5
+  bad = edited_copy(run[0], str(tmp_path / "bad"), add_itemcf,
+                    lambda v: v.update(corpus_fingerprint="another"))
+  with pytest.raises(InputError, match="is not the run's .another"):
+    serving.Retriever.load(bad, method="itemcf")
+
+
+def test_bad_max_batch_and_corrupt_config_refused(run, tmp_path):
+  for mb in (0, -1):
+    with pytest.raises(InputError, match=f"--max_batch={mb} must be at least 1"):
+      serving.Retriever.load(run[0], method="tdr_t", max_batch=mb)
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "config.json").write_text('{"method": "tdr_t", ')
+  (broken / "results.json").write_text("{}")
+  with pytest.raises(InputError, match=r"broken/config.json: not a valid JSON file"):
+    serving.Retriever.load(str(broken))
+
+
+def test_forest_add_items_copies_each_rounds_own_row(run):
+  """With vectors (the final model's space), an earlier round's leaf row of the new item is
+  that round's row of the nearest item, not the final model's vector."""
+  r = serving.Retriever.load(run[0], method="tdr_t", use_forest=True)
+  orig = str(r.vocab[7])
+  out = r.add_items(["copy"], vectors=r.item_vectors([orig]))
+  assert out["items"][0]["nearest"] == orig
+  info = r._model.info
+  rows = []
+  for tree, params in zip(info["trees"], info["params"]):
+    table = serving._node_table(params)
+    leaf = np.asarray(tree.item_paths)[:, tree.height]
+    rows.append((table[leaf[r.index["copy"]]], table[leaf[r.index[orig]]]))
+  assert len(rows) == 2 and not np.allclose(rows[0][1], rows[1][1])
+  for new, old in rows:
+    np.testing.assert_array_equal(new, old)
