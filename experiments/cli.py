@@ -86,3 +86,16 @@ def parse_flags(argv):
 def check_no_arguments(argv) -> None:
   if len(argv) > 1:
     raise InputError(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+
+
+def check_served_run_flags(argv, flag_values, *, binary: str, allowed: set) -> None:
+  """The common checks of the binaries that read a finished run (retrieve.py, export.py): no
+  positional arguments, no training setting other than `allowed` (the run's settings come from
+  its config.json) and --workdir given."""
+  check_no_arguments(argv)
+  extra = set(config_lib.overrides_from_flags(flag_values)) - allowed
+  if extra:
+    raise InputError(f"--{sorted(extra)[0]}: a training setting; {binary} takes the run's "
+                     f"settings from <workdir>/config.json")
+  if not flag_values.workdir:
+    raise InputError("--workdir is required (a finished run of experiments/run.py)")

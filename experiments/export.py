@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # --workdir, --method and --beam_size are experiments/cli.py's flags (shared with run.py).
 from experiments import cli  # noqa: E402,F401
-from experiments.cli import FLAGS, check_no_arguments, exit_on_input_error, parse_flags  # noqa: E402
-from tdr_jax import config as config_lib  # noqa: E402
+from experiments.cli import (FLAGS, check_served_run_flags, exit_on_input_error,  # noqa: E402
+                             parse_flags)
 from tdr_jax import exporting, serving  # noqa: E402
 from tdr_jax.errors import InputError  # noqa: E402
 from tdr_jax.methods import tree_family  # noqa: E402
@@ -104,13 +104,7 @@ def export_retriever(r: serving.Retriever, out: str, *, k: int = 50, beam_size=N
 
 
 def run(argv):
-  check_no_arguments(argv)
-  extra = set(config_lib.overrides_from_flags(FLAGS)) - ALLOWED_CONFIG_FLAGS
-  if extra:
-    raise InputError(f"--{sorted(extra)[0]}: a training setting; export.py takes the run's "
-                     f"settings from <workdir>/config.json")
-  if not FLAGS.workdir:
-    raise InputError("--workdir is required (a finished run of experiments/run.py)")
+  check_served_run_flags(argv, FLAGS, binary="export.py", allowed=ALLOWED_CONFIG_FLAGS)
   if not FLAGS.out:
     raise InputError("--out is required (the artifact folder to write)")
   logging.set_verbosity(logging.ERROR)  # Orbax is chatty at INFO/WARNING

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # --workdir, --method and --beam_size are experiments/cli.py's flags (shared with run.py);
 # the other training flags are refused (the run's settings come from its config.json).
 from experiments import cli  # noqa: E402,F401
-from experiments.cli import FLAGS, check_no_arguments, exit_on_input_error, parse_flags  # noqa: E402
-from tdr_jax import config as config_lib  # noqa: E402
+from experiments.cli import (FLAGS, check_served_run_flags, exit_on_input_error,  # noqa: E402
+                             parse_flags)
 from tdr_jax import serving  # noqa: E402
 from tdr_jax.errors import InputError  # noqa: E402
 
@@ -76,13 +76,7 @@ def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
 
 
 def run(argv):
-  check_no_arguments(argv)
-  extra = set(config_lib.overrides_from_flags(FLAGS)) - ALLOWED_CONFIG_FLAGS
-  if extra:
-    raise InputError(f"--{sorted(extra)[0]}: a training setting; retrieve.py takes the run's "
-                     f"settings from <workdir>/config.json")
-  if not FLAGS.workdir:
-    raise InputError("--workdir is required (a finished run of experiments/run.py)")
+  check_served_run_flags(argv, FLAGS, binary="retrieve.py", allowed=ALLOWED_CONFIG_FLAGS)
   if (FLAGS.input is None) == (FLAGS.history is None):
     raise InputError("pass exactly one of --input=histories.csv and --history=id1,id2,...")
   if FLAGS.k < 1:

@@ -40,7 +40,8 @@ VOCAB_FILE = "item_vocab.json"
 MANIFEST_FILE = "manifest.json"
 
 
-def _sha256(path: str) -> str:
+def file_digest(path: str) -> str:
+  """sha256 hex digest of a file (read in 1 MiB blocks)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +79,7 @@ class ExportedRetriever:
       raise ValueError(f"{folder}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
     if verify:
       for name, rec in self.manifest["files"].items():
-        if name in (FUNCTION_FILE, ARRAYS_FILE, VOCAB_FILE) and _sha256(
+        if name in (FUNCTION_FILE, ARRAYS_FILE, VOCAB_FILE) and file_digest(
             os.path.join(folder, name)) != rec["sha256"]:
           raise ValueError(f"{folder}/{name}: sha256 differs from {MANIFEST_FILE}")
     self.k = int(self.manifest["k"])

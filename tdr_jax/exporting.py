@@ -26,7 +26,6 @@ the search); if it fails, `export_search` falls back to `("cpu",)` and says why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,14 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdr_jax import export_loader
+
 __all__ = ["FORMAT", "PLATFORMS", "export_search", "write_artifact", "file_digest"]
 
-FORMAT = "tdr_jax.export/1"
 PLATFORMS = ("cpu", "cuda")
-FUNCTION_FILE = "search.jaxexport"
-ARRAYS_FILE = "params.npz"
-VOCAB_FILE = "item_vocab.json"
-MANIFEST_FILE = "manifest.json"
+# The artifact's format, file names and digest are the loader's (it runs without tdr_jax).
+FORMAT, FUNCTION_FILE = export_loader.FORMAT, export_loader.FUNCTION_FILE
+ARRAYS_FILE, VOCAB_FILE = export_loader.ARRAYS_FILE, export_loader.VOCAB_FILE
+MANIFEST_FILE = export_loader.MANIFEST_FILE
+file_digest = export_loader.file_digest
 LOADER_FILE = "retriever_loader.py"
 _LOADER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_loader.py")
 
@@ -74,14 +75,6 @@ def export_search(search: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]
       note = (f"lowering for {','.join(tried)} failed ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:200]}); exported for cpu only")
       tried = ("cpu",)
-
-
-def file_digest(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def write_artifact(out: str, exported, arrays: Sequence[np.ndarray], item_raw_ids: Sequence[str],
