@@ -23,6 +23,7 @@ from tdr_jax import deep_retrieval
 from tdr_jax.errors import InputError
 from tdr_jax.training import fingerprint as fingerprint_of
 
+OTM_DEFAULT_WARMUP = 0.5  # --otm_warmup when unset (BUILD_NOTES, OTM)
 PAPER_WINDOWS = (1, 1, 1, 2, 2, 2, 10, 10, 20, 20)
 INITIAL_TREES = ("auto", "category", "kmeans", "random")
 
@@ -90,6 +91,11 @@ class TrainConfig:
   otm_ancestor_nodes: bool = field(False, "OTM: also train on the positives' ancestors at "
                                    "every level (off: the training beam's candidates only, as "
                                    "OTM Algorithm 1).")
+  otm_warmup: float | None = field(None, "OTM: share of each round's steps trained first with "
+                                   "plain ancestor targets over the beam candidates + the "
+                                   "positives' ancestors, before the pseudo targets (0: the "
+                                   "paper's algorithm from the first step; default "
+                                   f"{OTM_DEFAULT_WARMUP}).", fingerprint="if_set")
   label_window: int = field(1, "OTM: multi-label training instances, labels = the distinct "
                             "items of the next W interactions (1: the next item only).")
   rectify: bool = field(False, "TDR(T-RL): rectified labels (Eq. 15) at the levels from the "
@@ -291,6 +297,8 @@ def validate(cfg: Config) -> None:
     value = values[name]
     if value is not None and value < (2 if name == "branching" else 1):  # otm_beam_size: unset
       raise InputError(f"--{name}={value} is too small")
+  if values["otm_warmup"] is not None and not 0 <= values["otm_warmup"] <= 1:
+    raise InputError(f"--otm_warmup={values['otm_warmup']} must be in [0, 1]")
   for name in ("dr_epochs_per_estep", "dr_first_estep_epochs"):
     if values[name] is not None and values[name] <= 0:
       raise InputError(f"--{name}={values[name]} must be positive")

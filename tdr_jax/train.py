@@ -19,7 +19,10 @@ Levels 1..H are trained (the root is trivial):
   run passes the retrieval beam) scores at each level (plus the positives' ancestors there with
   `ancestor_nodes`). Multi-label instances: `batch.labels` int32[B, W] (-1 padding), a node's
   target is 1 when the argmax chain below it reaches a positive; without labels the positive
-  is `batch.target`.
+  is `batch.target`. Optional warm-up (`plain_target_steps`): plain ancestor targets over the
+  candidates + ancestors first (a model far from the optimum gives pseudo targets that are
+  almost all 0 and a beam that loses the positives' ancestors, so the paper's algorithm alone
+  cannot start from it; BUILD_NOTES, OTM).
 * PLT (`loss="plt"`, `tdr_jax.label_tree`): binary cross-entropy of the per-node conditional
   classifiers over the positive's path nodes (target 1) and their siblings (target 0). Retrieve
   with `beam_search(..., path_scores=True)`.
@@ -48,6 +51,10 @@ class StepConfig:
   full_softmax_nodes: int = 128  # levels with at most this many nodes use the full softmax
   beam_size: int = 20  # OTM: size of the training beam search that picks each level's nodes
   ancestor_nodes: bool = False  # OTM: also train on the positives' ancestors at every level
+  # OTM warm-up: steps < this train on plain ancestor targets (1 on every positive's ancestor,
+  # as TDM/PLT label nodes) over the beam candidates + the positives' ancestors; from this step
+  # on, the pseudo targets over the configured nodes (0: the paper's algorithm throughout).
+  plain_target_steps: int = 0
 
 
 def num_full_levels(config: StepConfig, *, branching: int, height: int) -> int:
@@ -80,8 +87,9 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
   sampled_levels = tuple(range(full + 1, height + 1))
   m = config.num_negatives
 
-  def tree_level_losses(params, batch: Batch, tree: tree_lib.Tree, paths: jax.Array):
-    """OTM / PLT losses float32[H, B] (no sampled negatives, so no key or level index)."""
+  def tree_level_losses(params, batch: Batch, tree: tree_lib.Tree, paths: jax.Array, step):
+    """OTM / PLT losses float32[H, B] (no sampled negatives, so no key or level index) and
+    extra per-sample metrics {name: float[H, B]}."""
     if config.loss == "plt":
       # [B, H, Bt]: the children of the positive's path nodes (path node + siblings per level).
       kids, kids_mask = jax.vmap(lambda p: label_tree.path_children(tree, p))(paths)
@@ -89,7 +97,7 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
                           for j in range(1, height + 1)], axis=1)  # [B, H, Bt]
       per_sample = jax.vmap(label_tree.plt_loss)(logits.astype(jnp.float32), kids, kids_mask, paths,
                                           batch.weight)  # [B, H]
-      return per_sample.T  # [B, H] -> [H, B], levels first like the other losses
+      return per_sample.T, {}  # [B, H] -> [H, B], levels first like the other losses
     # OTM: the positives (batch.labels, else the target) and their ancestors [B, W, H+1].
     labels = batch.target[:, None] if batch.labels is None else batch.labels
     pos_paths = jax.vmap(lambda y: otm.positive_paths(tree, y))(labels)
@@ -97,11 +105,16 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
     pkids, pkids_mask = jax.vmap(jax.vmap(lambda p: label_tree.path_children(tree, p)))(pos_paths)
     num_pos, width_kids = pkids.shape[1], pkids.shape[3]
     cands = otm.beam_candidates(score_fn, params, tree, batch.history, beam_size=config.beam_size)
+    # Warm-up (plain ancestor targets, ancestors among the training nodes) while step < N.
+    warm = (jnp.asarray(step) < config.plain_target_steps) if config.plain_target_steps else None
     train_nodes, train_mask, train_logits, kid_scores = [], [], [], []
     for j in range(1, height + 1):
       nodes, mask = cands[j - 1]  # [B, C_j]
-      if config.ancestor_nodes:
+      num_cands = nodes.shape[1]
+      if config.ancestor_nodes or warm is not None:
         nodes, mask = jax.vmap(otm.multi_training_nodes)(nodes, mask, pos_paths[:, :, j])
+        if not config.ancestor_nodes:  # ancestors only during the warm-up
+          mask = mask.at[:, num_cands:].set(mask[:, num_cands:] & warm)
       width = nodes.shape[1]
       # One scorer call per level: the training nodes, then the positives' path nodes' children
       # (whose stop-gradient scores decide the pseudo targets).
@@ -114,16 +127,31 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
       kid_scores.append(sc[:, width:].reshape(-1, num_pos, width_kids))
     targets = jax.vmap(otm.multi_label_pseudo_targets)(
         jnp.stack(kid_scores, axis=2), pkids, pkids_mask, pos_paths)  # [B, W, H+1]
-    return jnp.stack([
-        jax.vmap(otm.multi_level_loss)(train_logits[j - 1], train_nodes[j - 1], train_mask[j - 1],
-                                       pos_paths[:, :, j], targets[:, :, j],
-                                       batch.weight[:, j - 1])
+    if warm is not None:
+      plain = (pos_paths >= 0).astype(jnp.float32)  # 1 on every positive's ancestor
+      targets = jnp.where(warm, plain, targets)
+    node_targets = [jax.vmap(otm.multi_node_targets)(train_nodes[j - 1], pos_paths[:, :, j],
+                                                     targets[:, :, j])
+                    for j in range(1, height + 1)]  # [B, M_j] per level
+    level_losses = jnp.stack([
+        jax.vmap(label_tree.binary_cross_entropy)(train_logits[j - 1], node_targets[j - 1],
+                                                  train_mask[j - 1], batch.weight[:, j - 1])
         for j in range(1, height + 1)])
+    # Diagnostics per level: the share of samples with a target-1 node among their training
+    # nodes (near 0: the level learns only "everything low").
+    positive = jnp.stack([jnp.any((t > 0) & m, axis=1)
+                          for t, m in zip(node_targets, train_mask)])  # [H, B]
+    return level_losses, {"otm_positive_share": positive}
 
-  def loss_fn(params, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex, key):
+  def loss_fn(params, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex, key,
+              step=0):
     paths = jnp.asarray(tree.item_paths)[jnp.maximum(batch.target, 0)]  # [B, H+1]
     if config.loss in ("otm", "plt"):
-      return batch_mean(tree_level_losses(params, batch, tree, paths), batch)
+      level_losses, extra = tree_level_losses(params, batch, tree, paths, step)
+      loss, metrics = batch_mean(level_losses, batch)
+      for k, v in extra.items():  # float[H, B] per-sample values -> masked batch means [H]
+        metrics[k] = batch_level_mean(v, batch)
+      return loss, metrics
     bsz = batch.target.shape[0]
     node_valid = jnp.asarray(tree.node_valid)
     num_s = len(sampled_levels)
@@ -173,6 +201,12 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
                "level_loss": jnp.sum(level_losses * sample_mask[None], axis=1) / denom}
     return loss, metrics
 
+  def batch_level_mean(values: jax.Array, batch: Batch) -> jax.Array:
+    """Masked batch mean per level of `values` float[H, B] -> float32[H]."""
+    sample_mask = batch.mask.astype(jnp.float32)
+    return (jnp.sum(values.astype(jnp.float32) * sample_mask[None], axis=1)
+            / jnp.maximum(sample_mask.sum(), 1.0))
+
   return loss_fn
 
 
@@ -184,7 +218,8 @@ def make_train_step(score_fn: Callable, optimizer: optax.GradientTransformation,
   def step(state: TrainState, batch: Batch, tree: tree_lib.Tree, index: sampling.LevelIndex,
            base_key: jax.Array):
     key = jax.random.fold_in(base_key, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tree, index, key)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, tree, index, key,
+                                                     state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)

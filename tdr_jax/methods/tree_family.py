@@ -24,7 +24,7 @@ from tdr_jax import forest as forest_lib
 from tdr_jax import label_tree
 from tdr_jax import rectification, sampling, scorer, train, training, tree_learning, warm_start
 from tdr_jax import tree as tree_lib
-from tdr_jax.config import Config
+from tdr_jax.config import OTM_DEFAULT_WARMUP, Config
 from tdr_jax.data import batches as batches_lib
 from tdr_jax.data import synthetic
 from tdr_jax.data.preprocess import corpus_fingerprint, train_batch
@@ -50,6 +50,16 @@ def otm_training_beam(cfg: Config) -> int:
   with)."""
   k = cfg.train.otm_beam_size
   return cfg.eval.beam_size if k is None else k
+
+
+def otm_warmup_steps(cfg: Config, round_steps: int) -> int:
+  """Steps of an OTM round trained with plain ancestor targets before the pseudo targets
+  (`train.StepConfig.plain_target_steps`): --otm_warmup (default `OTM_DEFAULT_WARMUP`) of the
+  round's steps; 0 for the other losses."""
+  if cfg.train.loss != "otm":
+    return 0
+  share = OTM_DEFAULT_WARMUP if cfg.train.otm_warmup is None else cfg.train.otm_warmup
+  return int(round(share * round_steps))
 
 
 def build_model(cfg: Config, tree: tree_lib.Tree):
@@ -211,7 +221,8 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
       loss=cfg.train.loss, sampler="uniform" if binary else cfg.train.sampler,
       num_negatives=cfg.train.binary_negatives if binary else cfg.train.num_negatives,
       full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=otm_training_beam(cfg),
-      ancestor_nodes=cfg.train.otm_ancestor_nodes)
+      ancestor_nodes=cfg.train.otm_ancestor_nodes,
+      plain_target_steps=otm_warmup_steps(cfg, total_steps))
   step = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
                                height=tree.height)
   tree_dev = jax.device_put(tree)
@@ -227,6 +238,8 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
     # leaves out (an evaluation setting): the checkpoint records the beam it trained with.
     identity["otm_training_beam"] = str(otm_training_beam(cfg))
     phrases["otm_training_beam"] = "another OTM training beam"
+    identity["otm_warmup_steps"] = str(step_cfg.plain_target_steps)
+    phrases["otm_warmup_steps"] = "another OTM warm-up (--otm_warmup)"
   if weight_fn is not None:
     # The estimator and the first rectified level (it depends on the retrieval --beam_size)
     # change the labels but are outside the config fingerprint: the checkpoint records them.
@@ -258,6 +271,11 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
       aux=(tree, sampling.level_index(tree)), checkpointer=ckpt, mesh=mesh,
       checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
       crash_after=crash_after, name=f"train {method_label(cfg)}", progress=True)
+  share = out.metrics.get("otm_positive_share")  # [steps run, H]
+  if share is not None and len(share):
+    tail = share[-max(1, len(share) // 10):].mean(0)
+    print("OTM: share of samples with a target-1 training node per level 1..H, last "
+          f"{max(1, len(share) // 10)} steps: " + " ".join(f"{v:.2f}" for v in tail))
   return out.state.params, out.seconds, total_steps
 
 
@@ -369,6 +387,7 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
     settings["otm_training_beam_is_retrieval_beam"] = cfg.train.otm_beam_size in (
         None, cfg.eval.beam_size)
     settings["otm_ancestor_nodes"] = cfg.train.otm_ancestor_nodes
+    settings["otm_warmup_steps_per_round"] = otm_warmup_steps(cfg, round_steps)
     settings["label_window"] = cfg.train.label_window
   final = dict(rounds[-1])
   final["method"] = label
