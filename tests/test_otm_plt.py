@@ -309,6 +309,53 @@ def test_otm_multi_label_loss_matches_reference(tree8, ancestor_nodes):
   assert float(a) == float(b)
 
 
+@pytest.mark.parametrize("ancestor_nodes", [True, False])
+def test_otm_warmup_uses_plain_targets_then_pseudo_targets(tree8, ancestor_nodes):
+  """With plain_target_steps=N, steps < N train the BCE over the beam candidates plus every
+  positive's ancestor against plain targets (1 on every positive's ancestor); from step N the
+  loss is the one without a warm-up. The target-1 share metric is 1 at every level during the
+  warm-up and matches the brute-force pseudo targets after it."""
+  t = tree8
+  num_users, k, n_warm = 5, 2, 3
+  rng = np.random.default_rng(11)
+  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
+  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  height = t.height
+  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
+                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
+                      jnp.asarray(labels))
+  args = (t, sampling.level_index(t), jax.random.key(0))
+
+  def make(steps):
+    return jax.jit(train.make_loss_fn(
+        table_score, train.StepConfig(loss="otm", beam_size=k, ancestor_nodes=ancestor_nodes,
+                                      plain_target_steps=steps), branching=2, height=height))
+
+  warm_fn, plain_fn = make(n_warm), make(0)
+  want = np.zeros(height)
+  share_after = np.zeros(height)
+  for u in range(num_users):
+    pos = labels[u][labels[u] >= 0]
+    on_path = {int(t.item_paths[p, j]) for p in pos for j in range(height + 1)}
+    tgt = brute_force_multi_targets(t, table[u], pos)
+    for j, cands in enumerate(np_beam_candidates(t, table[u], k), start=1):
+      ancestors = {int(t.item_paths[p, j]) for p in pos}
+      for n in set(cands) | ancestors:
+        p = 1 / (1 + np.exp(-float(table[u, n])))
+        want[j - 1] -= np.log(p) if n in on_path else np.log(1 - p)
+      trained = set(cands) | (ancestors if ancestor_nodes else set())
+      share_after[j - 1] += any(tgt[n] for n in trained) / num_users
+  for step in (0, n_warm - 1):
+    _, m = warm_fn(jnp.asarray(table), batch, *args, step)
+    np.testing.assert_allclose(np.asarray(m["level_loss"]), want / num_users, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(m["otm_positive_share"]), np.ones(height))
+  for step in (n_warm, n_warm + 5):
+    a, m = warm_fn(jnp.asarray(table), batch, *args, step)
+    b, _ = plain_fn(jnp.asarray(table), batch, *args, step)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(m["otm_positive_share"]), share_after, atol=1e-6)
+
+
 def test_otm_multi_training_nodes_dedupe():
   cands = jnp.asarray([3, 4, -1, 6], jnp.int32)
   mask = jnp.asarray([True, True, False, True])
