@@ -6,6 +6,10 @@ synthetic data, popularity, heuristic, random), flags rows within a few percent 
 and writes `config.json`, `results.json`, `results.md` and the plots to the workdir. Each
 method checkpoints under its workdir; rerunning with the same workdir resumes and ends with the
 same metrics as an uninterrupted run.
+
+With several processes (multi-host data parallel) every process runs all of this on the global
+mesh and computes the same results; the writer (process 0) loads the data first (filling the
+cache the others read) and alone writes the config, vocabulary, results and plots.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def make_context(cfg: Config, workdir: str) -> Context:
   """Loads the dataset (printing its summary), checks it is usable and builds what the methods
   of a run share: the test users, their exact eta on synthetic data, the device mesh. The
   warm start, when a method asks for it, is kept under `workdir`."""
-  ds, world = load_data(cfg)
+  ds, world = parallel.writer_first(lambda: load_data(cfg), "tdr_jax load_data")
   print(datasets.describe(ds, cfg.data.dataset))
   datasets.check_usable(ds)
   ev = evaluation_set(cfg, ds)
@@ -47,10 +51,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   cfg = config
   names = parse_methods(cfg.method)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(cfg.to_json(), f, indent=1)
+  if parallel.is_writer():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_json(), f, indent=1)
   ctx = make_context(cfg, workdir)
-  serving.write_vocabulary(workdir, ctx.ds)  # raw item ids, for tdr_jax.serving.Retriever
+  if parallel.is_writer():  # raw item ids, for tdr_jax.serving.Retriever
+    serving.write_vocabulary(workdir, ctx.ds)
   if any(METHODS[n].warm_start for n in names):
     ctx.warm_start()  # one warm start (and initial-tree choice) shared by the whole table
   rows, estimator_rows, per_method = [], [], {}

@@ -1,5 +1,6 @@
 """Reporting: the results table, the near-popularity flag, results.json / results.md and the
-plots of a run.
+plots of a run. With several processes (multi-host) every process computes the same results and
+only the writer (process 0, `parallel.is_writer`) writes the files.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tdr_jax import parallel  # noqa: E402
 
 
 def format_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
@@ -121,8 +124,9 @@ def write_results(cfg, workdir: str, *, rows: list[dict], warnings: list[str],
   their rounds and forest tables and plots, and their per-level beam diagnostics
   (results["beam_diagnostics"][label], beam_levels[-label].png). `per_method`: label -> the tree
   method's output (rounds, forest_curve, true_cat, beam_diagnostics). Returns the results dict
-  written to results.json."""
+  written to results.json. Only the writer process writes (and plots); all return the dict."""
   ks = cfg.eval.topk
+  write = parallel.is_writer()
   table = format_table(rows, ks)
   print(table)
   for w in warnings:
@@ -158,14 +162,16 @@ def write_results(cfg, workdir: str, *, rows: list[dict], warnings: list[str],
                "; correctly labelled " + ", ".join(
                    fmt_or_dash(r['purity_labelled']) for r in rounds), ""]
       plot_name = "rounds.png" if single else f"rounds-{label}.png"
-      plot_curves(os.path.join(workdir, plot_name), rounds, forest_curve, ks,
-                  f"{cfg.data.dataset} {label}")
+      if write:
+        plot_curves(os.path.join(workdir, plot_name), rounds, forest_curve, ks,
+                    f"{cfg.data.dataset} {label}")
     diag = out.get("beam_diagnostics")
     if diag:
       results.setdefault("beam_diagnostics", {})[label] = diag
-      plot_beam_diagnostics(os.path.join(
-          workdir, "beam_levels.png" if single else f"beam_levels-{label}.png"), diag, ks,
-          f"{cfg.data.dataset} {label}")
+      if write:
+        plot_beam_diagnostics(os.path.join(
+            workdir, "beam_levels.png" if single else f"beam_levels-{label}.png"), diag, ks,
+            f"{cfg.data.dataset} {label}")
       md += [f"## {label}: beam recall per level (final tree, beam {diag['beam_size']})", "",
              "| level | " + " | ".join(str(j) for j in diag["levels"]) + " |",
              "|---|" + "---|" * len(diag["levels"]),
@@ -182,8 +188,9 @@ def write_results(cfg, workdir: str, *, rows: list[dict], warnings: list[str],
             f"{c[f'last_tree_f_measure@{k}']:.4f} | {c[f'forest_f_measure@{k}']:.4f}"
             for k in ks) + " |")
       md.append("")
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(md))
+  if write:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write("\n".join(md))
   return results

@@ -8,6 +8,12 @@ uninterrupted one. A run may be cut into phases with a host-side hook between th
 Retrieval's M-step between its E-steps); the tree methods call `fit` once per round of joint
 learning and update the tree between the calls.
 
+Several processes (multi-host data parallel, `jax.distributed`) run `fit` together on one global
+mesh: each builds only its rows of every global batch (`batches` is called inside
+`data.batches.only_rows`) and the global batch, the losses and the trained state are those of
+one process on the same number of devices. Every process takes part in the checkpoints (Orbax
+writes and restores them collectively; the workdir must be on a filesystem all processes see).
+
 Step contract: `step_fn(state, batch, aux, base_key) -> (state, metrics)`, pure and jittable,
 drawing its randomness from `fold_in(base_key, state.step)`; `state` has an int `step` field
 (`TrainState`); `metrics` is a dict of scalars with a "loss" entry. `loss_step` builds such a
@@ -34,6 +40,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tdr_jax import parallel
+from tdr_jax.data import batches as batches_lib
 from tdr_jax.data.batches import Batch
 from tdr_jax.errors import InputError
 
@@ -186,7 +193,10 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
     step_fn: `(state, batch, aux, base_key) -> (state, metrics)`; jitted here.
     state: the initial train state (its `step` is the global step; a restored checkpoint
       replaces it).
-    batches: `batches(step) -> Batch` (host arrays), the batch of global step `step`.
+    batches: `batches(step) -> Batch` (host arrays), the batch of global step `step`. It is
+      called inside `data.batches.only_rows` (this process's rows of the global batch;
+      `batch_for_step` honours it); a stream that ignores it returns the whole global batch,
+      of which each process keeps its rows.
     total_steps: steps of the whole run (all phases).
     base_key: PRNG key of the run; the step folds in its step.
     aux: replicated step argument (e.g. the tree), or `make_aux(carry)` when that is given.
@@ -229,7 +239,25 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
       resumed_from, phases_done = None, 0
     start = int(state.step)
     jit_step = jax.jit(step_fn, donate_argnums=0)
-    data_sharding = parallel.data_sharded(mesh)
+
+    rows: dict[int, slice] = {}  # global batch size -> this process's rows
+
+    def global_batch(step: int) -> Batch:
+      """The batch of `step` split over "data", built from this process's rows."""
+      asked = []  # the global batch size, when the stream built only this process's rows
+
+      def select(batch_size: int) -> slice:
+        asked.append(batch_size)
+        if batch_size not in rows:
+          rows[batch_size] = parallel.process_rows(mesh, batch_size)
+        return rows[batch_size]
+
+      with batches_lib.only_rows(select):
+        local = batches(step)
+      if not asked:  # a stream of whole batches: they must divide over the devices too
+        parallel.check_divisible(len(local.mask), mesh)
+      return parallel.global_batch(local, mesh, asked[-1] if asked else None)
+
     state = parallel.replicate(state, mesh)
     aux_dev = parallel.replicate(make_aux(carry) if make_aux else aux, mesh)
 
@@ -265,11 +293,9 @@ def fit(step_fn: Callable, state, batches: Callable[[int], Batch], *, total_step
         if make_aux:
           aux_dev = parallel.replicate(make_aux(carry), mesh)
         save(step, force=True)
-      batch = batches(step)
+      batch = global_batch(step)
       if step == start:
         bar.batch_size = len(batch.mask)
-        parallel.check_divisible(bar.batch_size, mesh)
-      batch = jax.device_put(batch, data_sharding)
       state, m = jit_step(state, batch, aux_dev, base_key)
       pending.append(m)
       done = step + 1

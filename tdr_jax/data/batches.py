@@ -10,23 +10,51 @@ batch of an epoch is padded to full size with masked rows (static shapes under j
     steps_per_epoch, total = steps_for(len(samples), batch_size=256, epochs=1.0)
     batch = batch_for_step(ds, samples, step, steps_per_epoch=steps_per_epoch,
                            batch_size=256, history_len=69, levels=H, seed=0)
+
+With several processes (multi-host data parallel) each process builds only its rows of every
+global batch: inside `with only_rows(select):` (`training.fit` enters it), `step_indices` and
+`batch_for_step` return the rows `select(B)` of the global batch of B rows, which is the same
+whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from tdr_jax.data.preprocess import Dataset, train_batch, training_samples
 
-__all__ = ["Batch", "STREAM", "batch_for_step", "step_indices", "steps_for",
+__all__ = ["Batch", "STREAM", "batch_for_step", "only_rows", "step_indices", "steps_for",
            "training_samples", "window_labels"]
 
 # Salt of the per-epoch permutation `default_rng([seed, stream, epoch])`. The tree methods and
 # the baselines share STREAM; the SASRec estimator has its own (its numbers predate sharing).
 STREAM = 11
+
+# `only_rows`'s row selector: global batch size B -> the slice of rows this process builds.
+_ROWS: contextvars.ContextVar[Callable[[int], slice] | None] = contextvars.ContextVar(
+    "tdr_jax_batch_rows", default=None)
+
+
+@contextlib.contextmanager
+def only_rows(select: Callable[[int], slice]) -> Iterator[None]:
+  """Within the block, `step_indices` and `batch_for_step` return only the rows `select(B)` of
+  each global batch of B rows (`parallel.process_rows`: this process's share)."""
+  token = _ROWS.set(select)
+  try:
+    yield
+  finally:
+    _ROWS.reset(token)
+
+
+def rows_of(batch_size: int) -> slice:
+  """The rows of a global batch of `batch_size` rows built here (all, outside `only_rows`)."""
+  select = _ROWS.get()
+  return slice(0, batch_size) if select is None else select(batch_size)
 
 
 class Batch(NamedTuple):
@@ -88,8 +116,9 @@ def step_indices(num_samples: int, step: int, *, steps_per_epoch: int, batch_siz
   """Which of the run's samples the batch of global step `step` holds (`batch_for_step`).
 
   Returns:
-    idx: int[B] positions in the run's `samples` array (0 on padding rows).
-    mask: bool[B] False for the padding rows of an epoch's last batch.
+    idx: int[b] positions in the run's `samples` array (0 on padding rows).
+    mask: bool[b] False for the padding rows of an epoch's last batch.
+    b = B = batch_size, or inside `only_rows` the selected rows of the B.
   """
   epoch, i = divmod(step, steps_per_epoch)
   perm = np.random.default_rng([seed, stream, epoch]).permutation(num_samples)
@@ -98,7 +127,8 @@ def step_indices(num_samples: int, step: int, *, steps_per_epoch: int, batch_siz
   if len(idx) < batch_size:
     mask[len(idx):] = False
     idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
-  return idx, mask
+  rows = rows_of(batch_size)
+  return idx[rows], mask[rows]
 
 
 def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epoch: int,
@@ -119,12 +149,12 @@ def batch_for_step(ds: Dataset, samples: np.ndarray, step: int, *, steps_per_epo
     label_window: W: also return the labels of the next W interactions (`window_labels`);
       None: labels None. The rest of the batch does not depend on it.
   Returns:
-    Batch with history int32[B, L], target int32[B], weight float32[B, H] (ones), mask bool[B],
-    labels int32[B, W] or None.
+    Batch with history int32[b, L], target int32[b], weight float32[b, H] (ones), mask bool[b],
+    labels int32[b, W] or None; b = B, or inside `only_rows` the selected rows of the B.
   """
   idx, mask = step_indices(len(samples), step, steps_per_epoch=steps_per_epoch,
                            batch_size=batch_size, seed=seed, stream=stream)
   hist, target = train_batch(ds, samples[idx], history_len)
-  weight = np.ones((batch_size, levels), np.float32)
+  weight = np.ones((len(idx), levels), np.float32)
   labels = None if label_window is None else window_labels(ds, samples[idx], label_window)
   return Batch(hist.astype(np.int32), target.astype(np.int32), weight, mask, labels)
