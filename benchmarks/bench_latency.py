@@ -75,6 +75,38 @@ def throughput(call, hist, batch, repeats):
   return batch * repeats / (time.perf_counter() - t)
 
 
+def build_model(rng, num_leaves: int, model_cfg, *, branching: int = 2, seed: int = 0):
+  """A random tree over `num_leaves` items and a freshly initialised DIN with `model_cfg`'s sizes
+  (a config's `.model`): (tree, score_fn, params, param_bytes, tree_bytes)."""
+  m = model_cfg
+  tree = tree_lib.build_random(rng, num_leaves, branching=branching)
+  score_fn, params = scorer.init_din(jax.random.key(seed), tree, embed_dim=m.embed_dim,
+                                     windows=m.windows, attention_hidden=m.attention_hidden,
+                                     mlp_hidden=m.mlp_hidden, hierarchical=m.hierarchical)
+  param_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(params))
+  tree_bytes = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+  return tree, score_fn, params, param_bytes, tree_bytes
+
+
+def in_process_search(score_fn, tree, params, *, beam: int, k: int):
+  """(search(args, history), call(history int32[U, L]) -> host (items, scores)): the in-process
+  path, `jax.jit` of `beam_search.beam_search` with params and tree as arguments placed on the
+  device once (what `tdr_jax.serving.Retriever` runs); `call` includes the host-to-device copy
+  of the histories and the device_get of the result."""
+  args = jax.device_put((tree, params))
+
+  def search(args_, h):
+    t_, p_ = args_
+    return bs.beam_search(score_fn, p_, t_, h, beam_size=beam, topk=k)
+
+  jitted = jax.jit(search)
+
+  def call(h):
+    return jax.device_get(jitted(args, jnp.asarray(h)))
+
+  return search, call
+
+
 def summary(seconds):
   ms = np.asarray(seconds) * 1e3
   return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
@@ -120,14 +152,7 @@ def main():
     for log2 in log2s:
       n = 1 << log2
       t0 = time.perf_counter()
-      tree = tree_lib.build_random(rng, n, branching=2)
-      score_fn, params = scorer.init_din(jax.random.key(0), tree, embed_dim=m.embed_dim,
-                                         windows=m.windows,
-                                         attention_hidden=m.attention_hidden,
-                                         mlp_hidden=m.mlp_hidden, hierarchical=m.hierarchical)
-      args = jax.device_put((tree, params))
-      param_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(params))
-      tree_bytes = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+      tree, score_fn, params, param_bytes, tree_bytes = build_model(rng, n, m)
       hist = histories(rng, max(batches + [requests]), L, n)
       print(f"2^{log2} leaves: DIN params {param_bytes / 2**20:.1f} MiB, tree arrays "
             f"{tree_bytes / 2**20:.1f} MiB (built in {time.perf_counter() - t0:.1f} s)",
@@ -135,15 +160,7 @@ def main():
       for beam in beams:
         row = {"log2_leaves": log2, "leaves": n, "beam": beam, "param_bytes": param_bytes,
                "tree_bytes": tree_bytes}
-
-        def search(args_, h, beam=beam):
-          t_, p_ = args_
-          return bs.beam_search(score_fn, p_, t_, h, beam_size=beam, topk=k)
-
-        jitted = jax.jit(search)
-
-        def in_process(h):
-          return jax.device_get(jitted(args, jnp.asarray(h)))
+        search, in_process = in_process_search(score_fn, tree, params, beam=beam, k=k)
 
         t = time.perf_counter()
         exported, arrays, plats, note = exporting.export_search(search, (tree, params),
@@ -189,7 +206,7 @@ def main():
           brow["batch64_qps"] = round(throughput(brute, hist, 64, 1), 2)
         print(f"  brute force: p50 {brow['batch1']['p50_ms']} ms", flush=True)
         res["rows"].append(brow)
-      del args, params, tree
+      del params, tree
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   res["machine"]["load_avg_at_end"] = os.getloadavg()

@@ -37,9 +37,12 @@ flags.DEFINE_string("data_dir", "data/synthetic", "Synthetic data folder.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  cfg = experiment.make_config(FLAGS.preset, data_dir=FLAGS.data_dir)
+def profile(preset: str = "default", steps: int = 40, data_dir: str = "data/synthetic",
+            **overrides) -> dict:
+  """Times host-only, device-only and the loop as it runs (module docstring) for `steps` steps
+  of `preset` (with config `overrides`) on the synthetic data under `data_dir`; returns the
+  JSON dict."""
+  cfg = experiment.make_config(preset, data_dir=data_dir, **overrides)
   ds, _ = experiment.load_data(cfg)
   tree = tree_family.build_initial_tree(cfg, ds, "category", None)
   score_fn, params = tree_family.build_model(cfg, tree)
@@ -60,7 +63,7 @@ def main(argv):
   tree_dev = jax.device_put(tree, NamedSharding(mesh, P()))
   index = jax.device_put(sampling.level_index(tree), NamedSharding(mesh, P()))
   key = jax.random.key(cfg.seed)
-  n = FLAGS.steps
+  n = steps
 
   def host(step):
     return jax.device_put(batches.batch_for_step(
@@ -94,9 +97,15 @@ def main(argv):
          "host_ms_per_step": 1e3 * host_s, "device_ms_per_step": 1e3 * device_s,
          "loop_ms_per_step": 1e3 * loop_s, "host_share": host_s / (host_s + device_s),
          "loop_samples_per_s": cfg.train.batch_size / loop_s}
+  return out
+
+
+def main(argv):
+  del argv
+  out = profile(FLAGS.preset, FLAGS.steps, FLAGS.data_dir)
   print(json.dumps(out, indent=1))
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                      f"step_profile-{cfg.preset}.json")
+                      f"step_profile-{out['preset']}.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
 
