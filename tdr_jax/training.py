@@ -83,8 +83,21 @@ def loss_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
   return step
 
 
+def _restore_target(x) -> jax.ShapeDtypeStruct:
+  """What a checkpointed leaf like `x` is restored as: with several processes, replicated over
+  every device of every process (each process then holds the whole value, as with one)."""
+  target = ocp.utils.to_shape_dtype_struct(x)
+  if parallel.process_count() == 1:
+    return target
+  return jax.ShapeDtypeStruct(target.shape, target.dtype,
+                              sharding=parallel.replicated(parallel.make_mesh()))
+
+
 class Checkpointer:
   """Orbax checkpoints of named pytrees plus the identity of the run that wrote them.
+
+  With several processes every process calls `save` and `restore` (Orbax's collective saves:
+  the replicated values are written once) on a directory they all see.
 
   `identity` maps names to fingerprints (`fingerprint`); `restore` refuses a checkpoint whose
   recorded identity differs, naming what differs with `phrases[name]` (e.g. "another
@@ -122,7 +135,7 @@ class Checkpointer:
   def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
     """The items of checkpoint `step`, shaped like the pytrees of `like` (after `check`)."""
     self.check(step)
-    args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
+    args = {k: ocp.args.StandardRestore(jax.tree.map(_restore_target, v))
             for k, v in like.items()}
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return {k: restored[k] for k in like}
