@@ -35,7 +35,10 @@ the popularity row (and on synthetic data the oracle row), computed once per swe
   Fig. 3), plus the control: the first method with --tree_learning=none (same rounds, the
   initial tree kept).
 
-Bad input ends with one line `error: <message>` and status 2, as in run.py.
+Bad input ends with one line `error: <message>` and status 2, as in run.py. Several hosts run a
+sweep as run.py does (--coordinator_address, --num_processes, --process_id or --distributed,
+one process per host, the same --workdir; README "From one machine to many"); process 0
+writes the files.
 """
 
 import dataclasses
@@ -58,7 +61,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from experiments import cli  # noqa: E402
 from experiments.cli import (FLAGS, check_no_arguments, config_from_flags,  # noqa: E402
                              exit_on_input_error, parse_flags)
-from tdr_jax import experiment, report, sampler_bias, sampling, train, training  # noqa: E402
+from tdr_jax import experiment, parallel, report, sampler_bias, sampling, train  # noqa: E402
+from tdr_jax import training  # noqa: E402
 from tdr_jax import config as config_lib  # noqa: E402
 from tdr_jax import tree as tree_lib  # noqa: E402
 from tdr_jax.config import Config  # noqa: E402
@@ -68,6 +72,7 @@ from tdr_jax.errors import InputError  # noqa: E402
 from tdr_jax.evaluation import retrieve_at_beams  # noqa: E402
 from tdr_jax.methods import METHODS, Context, reference, run_samples, tree_family  # noqa: E402
 
+cli.define_distributed_flags()  # multi-host: --coordinator_address, --num_processes, ...
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags (config, --workdir, ...)
 SWEEPS = ("negatives", "sampler", "beam", "rounds")
 SAMPLERS = ("uniform", "top_down", "full_softmax")
@@ -213,7 +218,10 @@ def _jsonable(o):
 
 
 def write_json(path: str, obj) -> None:
-  """obj as JSON at path, atomically (a crash never leaves a half-written results file)."""
+  """obj as JSON at path, atomically (a crash never leaves a half-written results file); only
+  the writer process (process 0) writes."""
+  if not parallel.is_writer():
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -542,6 +550,9 @@ def sweep_sampler(run: Runner, opts: Options) -> dict:
       timing["samplers"][s] = dict(wanted, seconds_per_step=sps[s])
       print(f"timing {s}: {sps[s] * 1000:.1f} ms/step ({opts.timing_steps} steps)", flush=True)
       write_json(timing_path, timing)
+  if active and parallel.process_count() > 1:  # multi-host: every process takes the equal
+    shared = parallel.same_on_all(np.asarray([sps[s] for s in active], np.float32))  # wall-
+    sps = {s: float(v) for s, v in zip(active, shared)}  # clock epochs from the writer's timing
   fastest = min(active, key=lambda s: sps[s]) if active else None
   epochs = {s: cfg.train.epochs * sps[fastest] / sps[s] for s in active}
   run.total = 2 * len(opts.methods)
@@ -847,7 +858,8 @@ def run_sweep(sweep: str, cfg: Config, workdir: str, opts: Options) -> dict:
     md += [f"## F@{k} by {out['xlabel']}" + (" (queries/s)" if extra else ""), "",
            pivot_table(out["series"], out["columns"], refs, k, out.get("ceiling"), extra), ""]
   plot = f"{sweep}.png"
-  plot_sweep(os.path.join(workdir, plot), sweep, out, refs, k, title)
+  if parallel.is_writer():
+    plot_sweep(os.path.join(workdir, plot), sweep, out, refs, k, title)
   md += [f"![{sweep}]({plot})", ""]
   results = {"sweep": sweep, "dataset": cfg.data.dataset, "preset": cfg.preset, "k": k,
              "topk": list(ks), "methods": list(opts.methods), "values": list(opts.values),
@@ -857,8 +869,9 @@ def run_sweep(sweep: str, cfg: Config, workdir: str, opts: Options) -> dict:
     if key in out:
       results[key] = out[key]
   write_json(os.path.join(workdir, "results.json"), results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(md))
+  if parallel.is_writer():
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write("\n".join(md))
   return json.loads(json.dumps(results, default=_jsonable))
 
 
@@ -880,6 +893,7 @@ def run(argv) -> dict:
     raise InputError("--method: ablate.py runs the sweep's methods; choose them with --methods")
   cfg = config_from_flags(**({"tree_rounds": DEFAULT_ROUNDS} if sweep == "rounds" else {}))
   opts = options_from_flags(sweep, cfg)  # before the workdir is made
+  cli.init_distributed()  # before any JAX call (multi-host: the default workdir is no clock's)
   workdir = FLAGS.workdir or os.path.join("runs", f"ablate-{sweep}-{cfg.data.dataset}-"
                                                   f"{cfg.preset}")
   logging.set_verbosity(logging.WARNING)  # Orbax and XLA are chatty at INFO
