@@ -56,13 +56,20 @@ def test_results_files_and_rows(uninterrupted):
   assert os.path.exists(os.path.join(workdir, "rounds.png"))
   assert [r["round"] for r in results["rounds"]] == [0, 1]
   assert [c["num_trees"] for c in results["forest_curve"]] == [1, 2]
+  tdr = results["results"][0]
   # The single-tree forest is the tree itself reranked by its own model: same items' scores.
   for r in results["rounds"]:
     for what in ("category_purity", "purity_mislabelled", "purity_labelled"):
       assert 0.0 <= r[what] <= 1.0, (what, r[what])
-  # Round 0 is the tree of the published (noisy) categories: mislabelled items sit away from
-  # their true category far more often than correctly labelled ones.
-  assert results["rounds"][0]["purity_mislabelled"] < results["rounds"][0]["purity_labelled"]
+  # When round 0 is the tree of the published (noisy) categories, mislabelled items sit away
+  # from their true category far more often than correctly labelled ones. The smoke world's
+  # categories are too weak for the auto rule (lift < 2), so it builds a k-means tree, which
+  # never sees the published categories: there the two purities carry no expected order (they
+  # swap between CPUs), and only the category-tree case is asserted (hand case:
+  # test_tree_learning.test_category_purity).
+  assert tdr["settings"]["initial_tree"] in ("kmeans", "category", "random")
+  if tdr["settings"]["initial_tree"] == "category":
+    assert results["rounds"][0]["purity_mislabelled"] < results["rounds"][0]["purity_labelled"]
   keys = set(results["results"][0])
   assert all(set(r) == keys for r in results["results"]), "every row has the same keys"
   for k in (5, 10, 20):
@@ -70,7 +77,6 @@ def test_results_files_and_rows(uninterrupted):
       assert f"{m}@{k}" in keys
   oracle = next(r for r in results["results"] if r["method"] == "oracle")
   assert oracle["oracle_ratio@20"] == pytest.approx(1.0)
-  tdr = results["results"][0]
   assert 0.0 <= tdr["oracle_ratio@20"] <= 1.0 + 1e-9
   assert oracle["f_measure@20"] > tdr["f_measure@20"] * 0.999
 
