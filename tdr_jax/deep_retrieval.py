@@ -119,6 +119,13 @@ class DRConfig:
   hidden: tuple[int, ...] = (128,)  # hidden widths of each layer's MLP
   user_encoder: str = "gru"  # "gru" or "mean"
   prefix_bias: bool = False  # a learned logit bias per (path prefix, code) in every layer
+  # Initial prefix bias: "zeros", or "prior" = log p(c_d | c_<d) of the training targets'
+  # initial paths (each target counts 1/J on each of its J paths, add-`prior_smoothing`), so
+  # the network starts as the user-independent path popularity and learns users' deviations.
+  prefix_bias_init: str = "zeros"
+  prior_smoothing: float = 0.5
+  freeze_prefix_bias: bool = False  # the prefix bias keeps its initial value (Adam's per-entry
+  # steps on its sparsely hit rows otherwise turn the prior into noise, BUILD_NOTES, DR)
   reranker: bool = True
   rerank_dim: int = 32
   rerank_negatives: int = 512
@@ -165,6 +172,15 @@ class DRConfig:
       raise InputError(f"prefix_bias needs a table of (K^0 + ... + K^(D-1)) x K = "
                        f"{structure_net.num_prefixes(self.width, self.depth) * self.width} "
                        "entries (> 1e8); lower K or D or turn it off")
+    if self.prefix_bias_init not in ("zeros", "prior"):
+      raise InputError(f"prefix_bias_init={self.prefix_bias_init!r}: choose 'zeros' or 'prior'")
+    if self.prefix_bias_init == "prior" and not self.prefix_bias:
+      raise InputError("prefix_bias_init='prior' needs prefix_bias=True")
+    if self.freeze_prefix_bias and self.prefix_bias_init != "prior":
+      raise InputError("freeze_prefix_bias needs prefix_bias_init='prior' (a frozen zero bias "
+                       "is no bias)")
+    if self.prior_smoothing <= 0:
+      raise InputError(f"prior_smoothing must be > 0, got {self.prior_smoothing}")
     if self.init_kmeans_iters < 1:
       raise InputError(f"init_kmeans_iters must be >= 1, got {self.init_kmeans_iters}")
     if self.score_mode not in ("sum", "streaming"):
@@ -825,6 +841,36 @@ def freeze_after(optimizer: optax.GradientTransformation, steps: int,
                                labels)
 
 
+def prior_prefix_bias(codes: np.ndarray, item_counts: np.ndarray, *, width: int,
+                      smoothing: float = 0.5) -> np.ndarray:
+  """The prefix-bias table of the user-independent path model of `item_counts`.
+
+  Each item spreads its count evenly over its J paths; row r(c_<d), column c_d of the table is
+  log((n(c_<d, c_d) + a) / (n(c_<d) + a K)), the smoothed log frequency of code c_d after the
+  prefix c_<d, so the layers' softmaxes multiply to the smoothed path frequency.
+
+  Args:
+    codes: int[N, J, D] every item's paths (`structure_net.path_codes`).
+    item_counts: float[N] training targets per item.
+    width: K.
+    smoothing: a > 0.
+  Returns:
+    float32[num_prefixes(K, D), K].
+  """
+  n, j, depth = codes.shape
+  offsets = structure_net._prefix_offsets(width, depth)
+  weight = np.repeat(np.asarray(item_counts, np.float64) / j, j)  # [N*J]
+  flat = codes.reshape(n * j, depth).astype(np.int64)
+  num_rows = structure_net.num_prefixes(width, depth)
+  counts = np.zeros(num_rows * width, np.float64)
+  prefix = np.zeros(n * j, np.int64)
+  for d in range(depth):
+    np.add.at(counts, (offsets[d] + prefix) * width + flat[:, d], weight)
+    prefix = prefix * width + flat[:, d]
+  counts = counts.reshape(num_rows, width) + smoothing
+  return np.log(counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def dr_identity(config: DRConfig) -> dict:
   """The "dr" part of a checkpoint's identity: the DRConfig less its evaluation/logging fields
   (and options left at their old defaults, so runs from before them keep their checkpoints)."""
@@ -834,6 +880,10 @@ def dr_identity(config: DRConfig) -> dict:
   skip |= {k for k in ("first_estep_epochs", "rerank_esteps") if getattr(config, k) is None}
   if not config.prefix_bias:
     skip.add("prefix_bias")
+  if config.prefix_bias_init == "zeros":
+    skip |= {"prefix_bias_init", "prior_smoothing"}
+  if not config.freeze_prefix_bias:
+    skip.add("freeze_prefix_bias")
   return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
 
 
@@ -864,20 +914,28 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   phase_steps = estep_lengths(config, len(samples), batch_size=batch_size)
   steps_per_epoch, _ = batches_lib.steps_for(len(samples), batch_size=batch_size, epochs=1.0)
   total_steps = sum(phase_steps)
+  ids = initial_paths(config, num_items=ds.num_items, seed=seed, item_vectors=item_vectors)
   net = structure_net.StructureNet(
       num_items=ds.num_items, width=config.width, depth=config.depth,
       embed_dim=config.embed_dim, user_dim=config.user_dim, path_dim=config.path_dim,
       hidden=config.hidden, user_encoder=config.user_encoder,
       rerank_dim=config.rerank_dim if config.reranker else 0, prefix_bias=config.prefix_bias,
       rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
+  if config.prefix_bias_init == "prior":
+    targets = batches_lib.window_labels(ds, samples, 1)[:, 0]
+    net.prefix_bias[...] = jnp.asarray(prior_prefix_bias(
+        structure_net.path_codes(ids, width=config.width, depth=config.depth),
+        np.bincount(targets, minlength=ds.num_items), width=config.width,
+        smoothing=config.prior_smoothing))
   graphdef, params = nnx.split(net)
   optimizer = train.make_optimizer(learning_rate=config.learning_rate,
                                    decay_steps=steps_per_epoch, decay_rate=config.decay_rate)
+  if config.freeze_prefix_bias:
+    optimizer = freeze_after(optimizer, 0, lambda name: name == "prefix_bias")
   rerank_esteps = config.rerank_esteps if config.reranker else None
   if rerank_esteps is not None and rerank_esteps < len(phase_steps):
     optimizer = freeze_after(optimizer, sum(phase_steps[:rerank_esteps]),
                              lambda name: name.startswith("rerank_"))
-  ids = initial_paths(config, num_items=ds.num_items, seed=seed, item_vectors=item_vectors)
   # The host-side carry of the phases: int32[N, J, D] path codes, int32[] M-steps done.
   carry = {"paths": structure_net.path_codes(ids, width=config.width,
                                              depth=config.depth).astype(np.int32),

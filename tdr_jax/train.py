@@ -55,6 +55,15 @@ class StepConfig:
   # as TDM/PLT label nodes) over the beam candidates + the positives' ancestors; from this step
   # on, the pseudo targets over the configured nodes (0: the paper's algorithm throughout).
   plain_target_steps: int = 0
+  # What the OTM warm-up trains: "beam" = plain targets over the beam candidates + the
+  # positives' ancestors (above); "bce" = JTM's loss (the positive against `num_negatives`
+  # uniform negatives per level, binary cross-entropy, every level), so the pseudo targets
+  # start from a JTM-trained model.
+  warmup_loss: str = "beam"
+  # OTM: levels 1..first_level-1 are not trained (loss 0, no scorer call): the driver sets the
+  # training beam's start level s (`beam_search.start_level`), above which beam search ranks
+  # nothing, as the OTM authors' code trains only the levels its beam chooses among.
+  first_level: int = 1
 
 
 def num_full_levels(config: StepConfig, *, branching: int, height: int) -> int:
@@ -81,6 +90,8 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
     raise ValueError(f"unknown loss {config.loss!r}; expected 'softmax', 'bce', 'otm' or 'plt'")
   if config.loss == "otm" and config.beam_size < 1:
     raise ValueError(f"beam_size={config.beam_size} must be at least 1")
+  if config.warmup_loss not in ("beam", "bce"):
+    raise ValueError(f"unknown warmup_loss {config.warmup_loss!r}; expected 'beam' or 'bce'")
   if config.sampler not in ("uniform", "top_down"):
     raise ValueError(f"unknown sampler {config.sampler!r}; expected 'uniform' or 'top_down'")
   full = num_full_levels(config, branching=branching, height=height)
@@ -106,10 +117,19 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
     num_pos, width_kids = pkids.shape[1], pkids.shape[3]
     cands = otm.beam_candidates(score_fn, params, tree, batch.history, beam_size=config.beam_size)
     # Warm-up (plain ancestor targets, ancestors among the training nodes) while step < N.
-    warm = (jnp.asarray(step) < config.plain_target_steps) if config.plain_target_steps else None
+    warm = (jnp.asarray(step) < config.plain_target_steps) if (
+        config.plain_target_steps and config.warmup_loss == "beam") else None
     train_nodes, train_mask, train_logits, kid_scores = [], [], [], []
+    first = max(1, config.first_level)
     for j in range(1, height + 1):
       nodes, mask = cands[j - 1]  # [B, C_j]
+      if j < first:  # untrained level: nothing scored; its targets (and its children's
+        # scores, which decide only the targets of level j-1) are never used
+        train_nodes.append(jnp.full_like(nodes, -1))
+        train_mask.append(jnp.zeros_like(mask))
+        train_logits.append(jnp.zeros(nodes.shape, jnp.float32))
+        kid_scores.append(jnp.zeros((nodes.shape[0], num_pos, width_kids), jnp.float32))
+        continue
       num_cands = nodes.shape[1]
       if config.ancestor_nodes or warm is not None:
         nodes, mask = jax.vmap(otm.multi_training_nodes)(nodes, mask, pos_paths[:, :, j])
@@ -147,11 +167,26 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
               step=0):
     paths = jnp.asarray(tree.item_paths)[jnp.maximum(batch.target, 0)]  # [B, H+1]
     if config.loss in ("otm", "plt"):
-      level_losses, extra = tree_level_losses(params, batch, tree, paths, step)
+      if config.loss == "otm" and config.plain_target_steps and config.warmup_loss == "bce":
+        def jtm_branch():  # the warm-up: JTM's loss; every sample has its positive
+          per_level = sampled_level_losses(params, batch, tree, index, key, paths, binary=True)
+          return per_level, {"otm_positive_share": jnp.ones(per_level.shape, bool)}
+        level_losses, extra = jax.lax.cond(
+            jnp.asarray(step) < config.plain_target_steps, jtm_branch,
+            lambda: tree_level_losses(params, batch, tree, paths, step))
+      else:
+        level_losses, extra = tree_level_losses(params, batch, tree, paths, step)
       loss, metrics = batch_mean(level_losses, batch)
       for k, v in extra.items():  # float[H, B] per-sample values -> masked batch means [H]
         metrics[k] = batch_level_mean(v, batch)
       return loss, metrics
+    return batch_mean(sampled_level_losses(params, batch, tree, index, key, paths,
+                                           binary=config.loss == "bce"), batch)
+
+  def sampled_level_losses(params, batch: Batch, tree: tree_lib.Tree,
+                           index: sampling.LevelIndex, key, paths: jax.Array, *, binary: bool):
+    """TDR's (softmax) or TDM/JTM's (binary) losses float32[H, B]: levels 1..F full softmax,
+    the rest against `num_negatives` sampled negatives."""
     bsz = batch.target.shape[0]
     node_valid = jnp.asarray(tree.node_valid)
     num_s = len(sampled_levels)
@@ -169,7 +204,7 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
           logits, paths[:, j] - first, mask, batch.weight[:, j - 1]))
     if num_s:
       pos = paths[:, full + 1:]  # [B, S] positives of the sampled levels
-      if config.sampler == "top_down" and config.loss == "softmax":
+      if config.sampler == "top_down" and not binary:
         neg, log_q = sampling.top_down_negatives(key, score_fn, params, tree, batch.history,
                                                  num_samples=m, start_level=full)
         neg_mask = neg != pos[:, :, None]  # accidental hits of the positive
@@ -183,13 +218,13 @@ def make_loss_fn(score_fn: Callable, config: StepConfig, *, branching: int, heig
         ids = jnp.concatenate([pos[:, i:i + 1], neg[:, i]], axis=1)
         sc = score_fn(params, tree, batch.history, ids, level=j).astype(jnp.float32)
         w = batch.weight[:, j - 1]
-        if config.loss == "softmax":
+        if not binary:
           per_level.append(jax.vmap(lambda p, n, q, k, wt: losses.sampled_softmax_loss(
               p, n, q, k, wt, num_samples=m))(sc[:, 0], sc[:, 1:], log_q[:, i], neg_mask[:, i], w))
         else:
           per_level.append(jax.vmap(losses.binary_cross_entropy_loss)(
               sc[:, 0], sc[:, 1:], neg_mask[:, i], w))
-    return batch_mean(jnp.stack(per_level), batch)  # [H, B]
+    return jnp.stack(per_level)  # [H, B]
 
   def batch_mean(level_losses: jax.Array, batch: Batch):
     """Masked batch mean of the per-sample sum over levels of `level_losses` float32[H, B]."""

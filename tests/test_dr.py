@@ -13,6 +13,7 @@ from flax import nnx
 
 from tdr_jax import deep_retrieval as dr
 from tdr_jax import experiment, metrics, train, training
+from tdr_jax.errors import InputError
 from tdr_jax.models import structure_net as dr_model
 
 # ---- structure network on a tiny structure (K=3, D=3) ---------------------------------------
@@ -172,6 +173,40 @@ def test_prefix_bias_rows_by_hand():
   np.testing.assert_array_equal(codes[0], [[1, 0, 0], [1, 1, 0]])
   np.testing.assert_allclose(np.exp(scores[0]), [3 / 4 * 2 / 5 * 5 / 6, 3 / 4 * 3 / 5 / 2],
                              rtol=1e-5)
+
+
+def test_prior_prefix_bias_by_hand():
+  # K=2, D=2, J=2: item 0 (2 targets) on paths (0,1), (1,0); item 1 (4) on (0,1), (0,0);
+  # item 2 (0) on (1,1), (1,0). Each path of an item gets count/J; add-1 smoothing.
+  codes = np.array([[[0, 1], [1, 0]], [[0, 1], [0, 0]], [[1, 1], [1, 0]]])
+  table = dr.prior_prefix_bias(codes, np.array([2, 4, 0]), width=2, smoothing=1.0)
+  want = np.log(np.array([[6 / 8, 2 / 8],    # layer 1: c_1 = 0 holds 1 + 2 + 2, c_1 = 1 holds 1
+                          [3 / 7, 4 / 7],    # layer 2 after c_1 = 0: (0,0) 2, (0,1) 1 + 2
+                          [2 / 3, 1 / 3]]))  # after c_1 = 1: (1,0) 1 + 0, (1,1) 0
+  np.testing.assert_allclose(table, want, rtol=1e-6)
+  # As the only logits (zero MLP) the layers give the smoothed path frequencies, summing to 1.
+  net = dr_model.StructureNet(num_items=3, width=2, depth=2, embed_dim=2, user_dim=3,
+                              path_dim=2, hidden=(4,), prefix_bias=True, rngs=nnx.Rngs(0))
+  for k in net.kernels:
+    k[...] = jnp.zeros_like(k[...])
+  for b in net.biases:
+    b[...] = jnp.zeros_like(b[...])
+  net.prefix_bias[...] = jnp.asarray(table)
+  user = dr_model.encode_users(net, jnp.zeros((1, 2), jnp.int32))
+  every = jnp.asarray([[[0, 0], [0, 1], [1, 0], [1, 1]]], jnp.int32)
+  p = np.exp(np.asarray(dr_model.path_log_probs(net, user, every))[0])
+  np.testing.assert_allclose(p, [6 / 8 * 3 / 7, 6 / 8 * 4 / 7, 2 / 8 * 2 / 3, 2 / 8 / 3],
+                             rtol=1e-5)
+  with pytest.raises(InputError, match="needs prefix_bias"):
+    dr.dr_config("smoke", prefix_bias_init="prior")
+  with pytest.raises(InputError, match="prefix_bias_init"):
+    dr.dr_config("smoke", prefix_bias=True, prefix_bias_init="ones")
+  with pytest.raises(InputError, match="freeze_prefix_bias needs"):
+    dr.dr_config("smoke", prefix_bias=True, freeze_prefix_bias=True)
+  # Left at "zeros" the option is outside the checkpoint identity (old runs keep theirs).
+  assert "prefix_bias_init" not in dr.dr_identity(dr.dr_config("smoke", prefix_bias=True))
+  assert dr.dr_identity(dr.dr_config("smoke", prefix_bias=True, prefix_bias_init="prior"))[
+      "prefix_bias_init"] == "prior"
 
 
 # ---- M-step ---------------------------------------------------------------------------------

@@ -356,6 +356,84 @@ def test_otm_warmup_uses_plain_targets_then_pseudo_targets(tree8, ancestor_nodes
     np.testing.assert_allclose(np.asarray(m["otm_positive_share"]), share_after, atol=1e-6)
 
 
+@pytest.mark.parametrize("label_window", [False, True])
+def test_otm_first_level_skips_the_levels_above(tree8, label_window):
+  """first_level=f: levels 1..f-1 have loss 0 and target-1 share 0; levels f..H (whose
+  pseudo targets need only the scores below them) equal the all-levels loss exactly."""
+  t = tree8
+  num_users, k = 5, 2
+  rng = np.random.default_rng(12)
+  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
+  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  height = t.height
+  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
+                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
+                      jnp.asarray(labels) if label_window else None)
+  args = (t, sampling.level_index(t), jax.random.key(0))
+  first = bs.start_level(branching=2, height=height, beam_size=k)
+  assert 1 < first <= height
+
+  def run(first_level):
+    fn = jax.jit(jax.value_and_grad(train.make_loss_fn(
+        table_score, train.StepConfig(loss="otm", beam_size=k, first_level=first_level),
+        branching=2, height=height), has_aux=True))
+    (loss, m), grad = fn(jnp.asarray(table), batch, *args)
+    return float(loss), np.asarray(m["level_loss"]), np.asarray(m["otm_positive_share"]), grad
+
+  loss_all, lv_all, share_all, _ = run(1)
+  loss_cut, lv_cut, share_cut, grad = run(first)
+  assert np.all(lv_all[:first - 1] > 0)  # the levels above do train without the cut
+  np.testing.assert_array_equal(lv_cut[:first - 1], 0.0)
+  np.testing.assert_array_equal(share_cut[:first - 1], 0.0)
+  np.testing.assert_allclose(lv_cut[first - 1:], lv_all[first - 1:], rtol=1e-6)
+  np.testing.assert_allclose(share_cut[first - 1:], share_all[first - 1:])
+  np.testing.assert_allclose(loss_cut, lv_all[first - 1:].sum(), rtol=1e-6)
+  # No gradient reaches the untrained levels' nodes.
+  g = np.asarray(grad)
+  level_nodes = np.arange(t.level_offsets[1], t.level_offsets[first])
+  assert np.all(np.isfinite(g)) and np.all(g[:, level_nodes] == 0)
+
+
+def test_otm_jtm_warmup_is_jtm_loss_then_pseudo_targets(tree8):
+  """warmup_loss="bce": steps < N give exactly JTM's loss (binary, uniform negatives, same key)
+  with a target-1 share of 1; steps >= N give the OTM loss without a warm-up."""
+  t = tree8
+  num_users, k, n_warm, m = 5, 2, 3, 2
+  rng = np.random.default_rng(13)
+  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
+  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  height = t.height
+  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
+                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
+                      jnp.asarray(labels))
+  args = (t, sampling.level_index(t), jax.random.key(5))
+
+  def make(**kw):
+    return jax.jit(train.make_loss_fn(table_score, train.StepConfig(**kw), branching=2,
+                                      height=height))
+
+  warm_fn = make(loss="otm", beam_size=k, num_negatives=m, plain_target_steps=n_warm,
+                 warmup_loss="bce")
+  jtm_fn = make(loss="bce", sampler="uniform", num_negatives=m)
+  otm_fn = make(loss="otm", beam_size=k)
+  table = jnp.asarray(table)
+  for step in (0, n_warm - 1):
+    a, ma = warm_fn(table, batch, *args, step)
+    b, mb = jtm_fn(table, batch._replace(labels=None), *args, step)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ma["level_loss"]), np.asarray(mb["level_loss"]),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ma["otm_positive_share"]), np.ones(height))
+  for step in (n_warm, n_warm + 4):
+    a, _ = warm_fn(table, batch, *args, step)
+    b, _ = otm_fn(table, batch, *args, step)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+  assert float(warm_fn(table, batch, *args, 0)[0]) != float(otm_fn(table, batch, *args, 0)[0])
+  with pytest.raises(ValueError, match="warmup_loss"):
+    train.make_loss_fn(table_score, train.StepConfig(loss="otm", warmup_loss="nope"),
+                       branching=2, height=height)
+
+
 def test_otm_multi_training_nodes_dedupe():
   cands = jnp.asarray([3, 4, -1, 6], jnp.int32)
   mask = jnp.asarray([True, True, False, True])
@@ -551,3 +629,15 @@ def test_otm_training_beam_is_retrieval_beam_by_default(monkeypatch):
       tree_family.train_round(c, None, np.arange(64), t, None, None, "/nonexistent",
                               corpus_fp="x", mesh=None)
     assert seen[-1].loss == "otm" and seen[-1].beam_size == want
+    # Trained levels: from the training beam's start level down, every level on request.
+    assert seen[-1].first_level == bs.start_level(branching=2, height=t.height, beam_size=want)
+  with pytest.raises(Stop):
+    tree_family.train_round(cfg.replace(otm_all_levels=True), None, np.arange(64), t, None,
+                            None, "/nonexistent", corpus_fp="x", mesh=None)
+  assert seen[-1].first_level == 1
+  assert seen[-1].warmup_loss == "beam"
+  with pytest.raises(Stop):  # --otm_warmup_loss=jtm: JTM's loss and negatives in the warm-up
+    tree_family.train_round(cfg.replace(otm_warmup_loss="jtm"), None, np.arange(64), t, None,
+                            None, "/nonexistent", corpus_fp="x", mesh=None)
+  assert seen[-1].warmup_loss == "bce"
+  assert seen[-1].num_negatives == cfg.train.binary_negatives

@@ -30,7 +30,8 @@ def dr_settings(cfg: Config) -> tuple[str, deep_retrieval.DRConfig]:
                                           epochs_per_estep=cfg.dr.dr_epochs_per_estep,
                                           first_estep_epochs=cfg.dr.dr_first_estep_epochs,
                                           rerank_esteps=cfg.dr.dr_rerank_esteps,
-                                          prefix_bias=cfg.dr.dr_prefix_bias)
+                                          prefix_bias=cfg.dr.dr_prefix_bias,
+                                          prefix_bias_init=cfg.dr.dr_prefix_bias_init)
 
 
 def run(ctx: Context, cfg: Config, workdir: str) -> dict:

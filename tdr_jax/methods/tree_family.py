@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tdr_jax import beam_diagnostics
+from tdr_jax import beam_search as bs
 from tdr_jax import forest as forest_lib
 from tdr_jax import label_tree
 from tdr_jax import rectification, sampling, scorer, train, training, tree_learning, warm_start
@@ -60,6 +61,16 @@ def otm_warmup_steps(cfg: Config, round_steps: int) -> int:
     return 0
   share = OTM_DEFAULT_WARMUP if cfg.train.otm_warmup is None else cfg.train.otm_warmup
   return int(round(share * round_steps))
+
+
+def otm_first_level(cfg: Config, tree: tree_lib.Tree) -> int:
+  """First level OTM trains (`train.StepConfig.first_level`): 1 with --otm_all_levels, else
+  the training beam's start level (the levels above it hold at most k nodes each, so beam
+  search keeps them whole and their scores rank nothing)."""
+  if cfg.train.loss != "otm" or cfg.train.otm_all_levels:
+    return 1
+  return bs.start_level(branching=tree.branching, height=tree.height,
+                        beam_size=otm_training_beam(cfg))
 
 
 def build_model(cfg: Config, tree: tree_lib.Tree):
@@ -217,12 +228,16 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
   optimizer = train.make_optimizer(learning_rate=cfg.train.learning_rate,
                                    decay_steps=steps_per_epoch, decay_rate=cfg.train.decay_rate)
   binary = cfg.train.loss == "bce"
+  otm_jtm_warmup = cfg.train.loss == "otm" and cfg.train.otm_warmup_loss == "jtm"
   step_cfg = train.StepConfig(
       loss=cfg.train.loss, sampler="uniform" if binary else cfg.train.sampler,
-      num_negatives=cfg.train.binary_negatives if binary else cfg.train.num_negatives,
+      num_negatives=(cfg.train.binary_negatives if binary or otm_jtm_warmup
+                     else cfg.train.num_negatives),
+      warmup_loss="bce" if otm_jtm_warmup else "beam",
       full_softmax_nodes=cfg.train.full_softmax_nodes, beam_size=otm_training_beam(cfg),
       ancestor_nodes=cfg.train.otm_ancestor_nodes,
-      plain_target_steps=otm_warmup_steps(cfg, total_steps))
+      plain_target_steps=otm_warmup_steps(cfg, total_steps),
+      first_level=otm_first_level(cfg, tree))
   step = train.make_train_step(score_fn, optimizer, step_cfg, branching=tree.branching,
                                height=tree.height)
   tree_dev = jax.device_put(tree)
@@ -240,6 +255,10 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
     phrases["otm_training_beam"] = "another OTM training beam"
     identity["otm_warmup_steps"] = str(step_cfg.plain_target_steps)
     phrases["otm_warmup_steps"] = "another OTM warm-up (--otm_warmup)"
+    identity["otm_warmup_loss"] = cfg.train.otm_warmup_loss
+    phrases["otm_warmup_loss"] = "another --otm_warmup_loss"
+    identity["otm_first_level"] = str(step_cfg.first_level)
+    phrases["otm_first_level"] = "another first trained OTM level (--otm_all_levels)"
   if weight_fn is not None:
     # The estimator and the first rectified level (it depends on the retrieval --beam_size)
     # change the labels but are outside the config fingerprint: the checkpoint records them.
@@ -274,8 +293,10 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
   share = out.metrics.get("otm_positive_share")  # [steps run, H]
   if share is not None and len(share):
     tail = share[-max(1, len(share) // 10):].mean(0)
-    print("OTM: share of samples with a target-1 training node per level 1..H, last "
-          f"{max(1, len(share) // 10)} steps: " + " ".join(f"{v:.2f}" for v in tail))
+    print("OTM: share of samples with a target-1 training node per level 1..H ('-': not "
+          f"trained), last {max(1, len(share) // 10)} steps: " + " ".join(
+              "-" if j < step_cfg.first_level else f"{v:.2f}"
+              for j, v in enumerate(tail, start=1)))
   return out.state.params, out.seconds, total_steps
 
 
@@ -388,6 +409,8 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
         None, cfg.eval.beam_size)
     settings["otm_ancestor_nodes"] = cfg.train.otm_ancestor_nodes
     settings["otm_warmup_steps_per_round"] = otm_warmup_steps(cfg, round_steps)
+    settings["otm_first_trained_level"] = otm_first_level(cfg, tree)
+    settings["otm_warmup_loss"] = cfg.train.otm_warmup_loss
     settings["label_window"] = cfg.train.label_window
   final = dict(rounds[-1])
   final["method"] = label
