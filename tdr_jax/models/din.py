@@ -38,6 +38,15 @@ Only the hidden activations ``[B, M, L, A]`` are genuinely per
 (user, node, position); the weighted window sums are one einsum against a
 constant 0/1 position-to-window matrix.
 
+On the shared-history path with one hidden activation-unit layer (the
+paper's model; ``fused_attention=True``, the default) the activation unit is
+`_attention_weights`: a few users at a time, so that each chunk's
+``[c, M, L, A]`` tensor stays in cache and only the ``[B, M, L]`` weights are
+written out, with a custom VJP that recomputes the chunk's hidden tensor in
+the backward instead of storing ``[B, M, L, A]`` for the whole batch. The
+window sums are then one small matmul per (contiguous) window. Same maths;
+``fused_attention=False`` keeps the plain layers (the tests' reference).
+
 The tree (``item_paths`` / ``level_offsets``) is an *argument* of the call and
 not part of the module, so re-learning the item-to-leaf mapping changes array
 values only and never triggers a retrace / recompile.
@@ -126,6 +135,120 @@ def window_matrix(windows: Sequence[int]) -> np.ndarray:
   return s
 
 
+# ------------------------------------------------- fused activation unit
+# Target bytes of one chunk's [c, M, L, A] float32 activation-unit tensor in
+# `_attention_weights` (about an L2 cache: the tensor never goes to memory).
+_CHUNK_BYTES = 2 << 20
+
+
+def _chunk_users(num_nodes: int, hist_len: int, width: int) -> int:
+  """Users per chunk of the fused activation unit (see `_attention_weights`).
+
+  On CPU: enough users that one chunk's ``[c, M, L, A]`` float32 tensor is
+  about `_CHUNK_BYTES`, at least 2 (a chunk of 1 measured slower in the
+  backward on XLA:CPU). On other backends 0 = no chunking (one chunk of the
+  whole batch: a sequential loop of small kernels would starve a GPU).
+  """
+  if jax.default_backend() != "cpu":
+    return 0
+  per_user = max(1, num_nodes * hist_len * width * 4)
+  return max(2, _CHUNK_BYTES // per_user)
+
+
+def _attention_pre(n, e, k_p, ue, nt):
+  """First activation-unit layer of the shared-history path (pre-PReLU).
+
+  ``n [..., M, D]``, ``e [..., L, D]``, ``k_p [D, A]``, ``ue [..., L, A]``,
+  ``nt [..., M, A]`` -> ``[..., M, L, A]``: ``(e * n) @ K_p + e @ K_e + n @
+  K_n + b`` with ``(e * n) @ K_p == n @ (diag(e) K_p)`` as one
+  ``[M, D] x [D, L*A]`` matmul per user (module docstring).
+  """
+  hist_kernel = jnp.swapaxes(e, -1, -2)[..., :, :, None] * k_p[:, None, :]  # [..., D, L, A]
+  return (
+      jnp.einsum("...md,...dla->...mla", n, hist_kernel)
+      + ue[..., None, :, :]
+      + nt[..., :, None, :]
+  )
+
+
+def _map_users(fn, xs, chunk: int):
+  """`fn` over the leading (user) axis of `xs`, `chunk` users at a time
+  (`jax.lax.map`); ``chunk=0``: one call on the whole batch."""
+  if chunk <= 0 or chunk >= jax.tree_util.tree_leaves(xs)[0].shape[0]:
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=chunk)
+
+
+@jax.custom_vjp
+def _attention_weights(n, e, k_p, ue, nt, slope, k2, b2, valid):
+  """Activation-unit weights of the shared-history path, ``float32[B, M, L]``.
+
+  ``PReLU(_attention_pre(n, e, k_p, ue, nt)) @ k2 + b2``, times the history
+  mask ``valid`` (``[B, L]``, float 0/1), for a one-hidden-layer activation
+  unit (``k2 [A, 1]``, ``b2 [1]``, scalar PReLU ``slope``).
+
+  Exactly the maths of the plain layers; only the evaluation order differs.
+  The forward runs a few users at a time (`_chunk_users`) so that each
+  chunk's ``[c, M, L, A]`` hidden tensor stays in cache and only the
+  ``[B, M, L]`` weights are written out; the backward (custom VJP) recomputes
+  each chunk's hidden tensor instead of storing ``[B, M, L, A]`` and
+  produces every input cotangent from it in the same pass: three
+  ``[M, D] x [D, L*A]``-sized matmuls per user (recompute, d n, and the
+  ``[D, L, A]`` sum over nodes that gives d e and d K_p).
+  """
+  chunk = _chunk_users(n.shape[1], e.shape[1], k_p.shape[1])
+
+  def one(x):
+    n1, e1, ue1, nt1, v1 = x
+    pre = _attention_pre(n1, e1, k_p, ue1, nt1)  # [M, L, A]
+    h = jnp.where(pre >= 0, pre, slope * pre)
+    return (h @ k2[:, 0] + b2[0]) * v1[None, :]  # [M, L]
+
+  return _map_users(one, (n, e, ue, nt, valid), chunk)
+
+
+def _attention_weights_fwd(n, e, k_p, ue, nt, slope, k2, b2, valid):
+  out = _attention_weights(n, e, k_p, ue, nt, slope, k2, b2, valid)
+  return out, (n, e, k_p, ue, nt, slope, k2, valid)
+
+
+def _attention_weights_bwd(res, g):
+  n, e, k_p, ue, nt, slope, k2, valid = res
+  chunk = _chunk_users(n.shape[1], e.shape[1], k_p.shape[1])
+  k2v = k2[:, 0]  # [A]
+
+  def one(x):
+    n1, e1, ue1, nt1, v1, g1 = x  # [M, D], [L, D], [L, A], [M, A], [L], [M, L]
+    hist_kernel = e1.T[:, :, None] * k_p[:, None, :]  # [D, L, A]
+    pre = jnp.einsum("md,dla->mla", n1, hist_kernel) + ue1[None] + nt1[:, None]
+    pos = pre >= 0
+    gw = g1 * v1[None, :]  # d weights before the mask  [M, L]
+    dh = jnp.where(pos, 1.0, slope).astype(pre.dtype)  # d PReLU / d pre
+    g_pre = gw[:, :, None] * k2v * dh  # [M, L, A]
+    g_k2 = jnp.einsum("ml,mla->a", gw, pre * dh)  # h = pre * dh
+    g_slope = jnp.sum(gw * jnp.sum(jnp.where(pos, 0.0, pre) * k2v, axis=-1))
+    g_b2 = jnp.sum(gw)
+    g_nt = jnp.sum(g_pre, axis=1)  # [M, A]
+    g_ue = jnp.sum(g_pre, axis=0)  # [L, A]
+    # d n as a plain [M, L*A] x [L*A, D] matmul (hist_kernel laid out
+    # [L, A, D]; contracting the [D, L, A] layout measured ~25% slower).
+    hist_kernel_t = (e1[:, None, :] * k_p.T[None]).reshape(-1, k_p.shape[0])  # [L*A, D]
+    g_n = g_pre.reshape(g_pre.shape[0], -1) @ hist_kernel_t  # [M, D]
+    g_hk = jnp.einsum("md,mla->dla", n1, g_pre)  # d hist_kernel  [D, L, A]
+    g_e = jnp.einsum("dla,da->ld", g_hk, k_p)  # [L, D]
+    g_kp = jnp.einsum("dla,ld->da", g_hk, e1)  # [D, A]
+    return g_n, g_e, g_ue, g_nt, g_kp, g_slope, g_k2, g_b2
+
+  g_n, g_e, g_ue, g_nt, g_kp, g_slope, g_k2, g_b2 = _map_users(
+      one, (n, e, ue, nt, valid, g), chunk)
+  return (g_n, g_e, g_kp.sum(0), g_ue, g_nt,
+          g_slope.sum(0).astype(slope.dtype).reshape(slope.shape),
+          g_k2.sum(0)[:, None], g_b2.sum(0)[None], jnp.zeros_like(valid))
+
+
+_attention_weights.defvjp(_attention_weights_fwd, _attention_weights_bwd)
+
+
 class DIN(nnx.Module):
   """Deep-interest-network preference model over tree nodes.
 
@@ -142,6 +265,12 @@ class DIN(nnx.Module):
       the scored node (JTM) instead of by their leaf.
     batch_norm: BatchNorm after every hidden linear layer of the scoring
       MLP (see module docstring for train/eval handling).
+    fused_attention: evaluate the one-hidden-layer activation unit of the
+      shared-history path (``level`` given, or ``hierarchical=False``) with
+      `_attention_weights` (chunked forward, recomputing custom VJP) and its
+      window sums as one small matmul per window: same maths as the plain
+      layers, less memory traffic. ``False`` = the plain layers and the
+      window einsum under autodiff (the reference the tests compare against).
     rngs: ``nnx.Rngs`` for parameter initialisation.
   """
 
@@ -155,6 +284,7 @@ class DIN(nnx.Module):
       mlp_hidden: Sequence[int] = (128, 64),
       hierarchical: bool = True,
       batch_norm: bool = False,
+      fused_attention: bool = True,
       rngs: nnx.Rngs,
   ):
     windows = tuple(int(w) for w in windows)
@@ -173,6 +303,7 @@ class DIN(nnx.Module):
     self.mlp_hidden = mlp_hidden
     self.hierarchical = bool(hierarchical)
     self.batch_norm = bool(batch_norm)
+    self.fused_attention = bool(fused_attention)
 
     self.embed = nnx.Embed(self.num_nodes, d, rngs=rngs)
 
@@ -290,28 +421,47 @@ class DIN(nnx.Module):
         hist_nodes = item_paths[hist_items, -1]  # leaves
       e = table[hist_nodes]  # [B, L, D]  shared by all nodes of a user
       ue = e @ k_e  # [B, L, A]  once per (user, position)
-      # (e * n) @ K_p == n @ (diag(e) K_p): one D x (L*A) matrix per user,
-      # so the per-pair term is a plain [M, D] x [D, L*A] matmul per user
-      # and [B, M, L, D] is never built.
-      hist_kernel = e[:, :, :, None] * k_p  # [B, L, D, A]
-      pre = (
-          jnp.einsum("bmd,blda->bmla", n, hist_kernel)
-          + ue[:, None, :, :]
-          + node_term[:, :, None, :]
-      )  # [B, M, L, A]
 
-    # Rest of the activation unit: PReLU then Linear, ..., down to 1.
-    h = pre
-    for act, layer in zip(self.att_acts, self.att_layers):
-      h = layer(act(h))  # [B, M, L, next width]
-    weights = h[..., 0] * hist_valid[:, None, :].astype(h.dtype)  # [B, M, L]
+    if shared_history and self.fused_attention and len(self.attention_hidden) == 1:
+      # Same maths as the branch below, chunked over users with a
+      # recomputing custom VJP (see `_attention_weights`).
+      weights = _attention_weights(
+          n, e, k_p, ue, node_term, self.att_acts[0].negative_slope[...],
+          self.att_layers[0].kernel[...], self.att_layers[0].bias[...],
+          hist_valid.astype(n.dtype))  # [B, M, L]
+    else:
+      if shared_history:
+        # (e * n) @ K_p == n @ (diag(e) K_p): one D x (L*A) matrix per user,
+        # so the per-pair term is a plain [M, D] x [D, L*A] matmul per user
+        # and [B, M, L, D] is never built.
+        hist_kernel = e[:, :, :, None] * k_p  # [B, L, D, A]
+        pre = (
+            jnp.einsum("bmd,blda->bmla", n, hist_kernel)
+            + ue[:, None, :, :]
+            + node_term[:, :, None, :]
+        )  # [B, M, L, A]
+      # Rest of the activation unit: PReLU then Linear, ..., down to 1.
+      h = pre
+      for act, layer in zip(self.att_acts, self.att_layers):
+        h = layer(act(h))  # [B, M, L, next width]
+      weights = h[..., 0] * hist_valid[:, None, :].astype(h.dtype)  # [B, M, L]
 
     # Weighted sum inside each window: S[l, w] assigns positions to windows.
     s = jnp.asarray(window_matrix(self.windows))  # [L, W]
     if not shared_history:
       win = jnp.einsum("bml,lw,bmld->bmwd", weights, s, e)  # [B, M, W, D]
-    else:
+    elif not self.fused_attention:
       win = jnp.einsum("bml,lw,bld->bmwd", weights, s, e)  # [B, M, W, D]
+    else:
+      # Windows are contiguous position ranges, so each window is one small
+      # [M, len_w] x [len_w, D] matmul per user instead of a contraction
+      # against the 0/1 matrix S (W times fewer flops; same sums).
+      ends = np.cumsum((0,) + self.windows[::-1])  # oldest window first
+      win = jnp.stack(
+          [jnp.einsum("bml,bld->bmd", weights[:, :, lo:hi], e[:, lo:hi])
+           for lo, hi in zip(ends[:-1], ends[1:])][::-1],
+          axis=2,
+      )  # [B, M, W, D]  window 0 = most recent
     # Reshape: concatenate the W window vectors along the feature axis.
     win = win.reshape(bsz, nodes.shape[1], len(self.windows) * d)  # [B, M, W*D]
 
