@@ -96,15 +96,15 @@ class TrainConfig:
                                    "positives' ancestors, before the pseudo targets (0: the "
                                    "paper's algorithm from the first step; default "
                                    f"{OTM_DEFAULT_WARMUP}).", fingerprint="if_set")
-  otm_warmup_loss: str = field("beam", "OTM: what the warm-up trains: beam (plain targets "
-                               "over the beam candidates + the positives' ancestors) or jtm "
-                               "(JTM's loss: the positive against --binary_negatives uniform "
-                               "negatives per level), so the pseudo targets start from a "
-                               "JTM-trained model.", choices=("beam", "jtm"), fingerprint="if_set")
-  otm_all_levels: bool = field(False, "OTM: train every level 1..H (off: only the levels "
-                               "from the training beam's start level down, the ones beam "
-                               "search ranks, as the OTM authors' code).",
-                               fingerprint="if_set")
+  otm_warmup_loss: str | None = field(
+      None, "OTM: what the warm-up trains: beam (plain targets over the beam candidates + the "
+      "positives' ancestors) or jtm (JTM's loss: the positive against --binary_negatives "
+      "uniform negatives per level, so the pseudo targets start from a JTM-trained model); "
+      "default beam.", choices=("beam", "jtm"), fingerprint="if_set")
+  otm_all_levels: bool | None = field(
+      None, "OTM: train every level 1..H (default off: only the levels from the training "
+      "beam's start level down, the ones beam search ranks, as the OTM authors' code).",
+      fingerprint="if_set")
   label_window: int = field(1, "OTM: multi-label training instances, labels = the distinct "
                             "items of the next W interactions (1: the next item only).")
   rectify: bool = field(False, "TDR(T-RL): rectified labels (Eq. 15) at the levels from the "

@@ -255,7 +255,7 @@ def train_round(cfg: Config, ds, samples: np.ndarray, tree: tree_lib.Tree, score
     phrases["otm_training_beam"] = "another OTM training beam"
     identity["otm_warmup_steps"] = str(step_cfg.plain_target_steps)
     phrases["otm_warmup_steps"] = "another OTM warm-up (--otm_warmup)"
-    identity["otm_warmup_loss"] = cfg.train.otm_warmup_loss
+    identity["otm_warmup_loss"] = cfg.train.otm_warmup_loss or "beam"
     phrases["otm_warmup_loss"] = "another --otm_warmup_loss"
     identity["otm_first_level"] = str(step_cfg.first_level)
     phrases["otm_first_level"] = "another first trained OTM level (--otm_all_levels)"
@@ -410,7 +410,7 @@ def run(ctx: Context, cfg: Config, workdir: str) -> dict:
     settings["otm_ancestor_nodes"] = cfg.train.otm_ancestor_nodes
     settings["otm_warmup_steps_per_round"] = otm_warmup_steps(cfg, round_steps)
     settings["otm_first_trained_level"] = otm_first_level(cfg, tree)
-    settings["otm_warmup_loss"] = cfg.train.otm_warmup_loss
+    settings["otm_warmup_loss"] = cfg.train.otm_warmup_loss or "beam"
     settings["label_window"] = cfg.train.label_window
   final = dict(rounds[-1])
   final["method"] = label
