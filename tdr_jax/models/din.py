@@ -173,8 +173,11 @@ def _attention_pre(n, e, k_p, ue, nt):
 
 def _map_users(fn, xs, chunk: int):
   """`fn` over the leading (user) axis of `xs`, `chunk` users at a time
-  (`jax.lax.map`); ``chunk=0``: one call on the whole batch."""
-  if chunk <= 0 or chunk >= jax.tree_util.tree_leaves(xs)[0].shape[0]:
+  (`jax.lax.map`); ``chunk=0``, or a symbolic batch size (`jax.export` with a
+  polymorphic batch, whose chunking would need a divisibility it cannot
+  decide): one call on the whole batch."""
+  users = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  if chunk <= 0 or not isinstance(users, int) or chunk >= users:
     return jax.vmap(fn)(xs)
   return jax.lax.map(fn, xs, batch_size=chunk)
 
