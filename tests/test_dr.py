@@ -13,6 +13,7 @@ from flax import nnx
 
 from tdr_jax import deep_retrieval as dr
 from tdr_jax import experiment, metrics, train, training
+from tdr_jax.data import batches as batches_lib
 from tdr_jax.errors import InputError
 from tdr_jax.models import structure_net as dr_model
 
@@ -536,3 +537,25 @@ def test_longer_first_estep_and_frozen_reranker(smoke, tmp_path):
   np.testing.assert_array_equal(again.paths, full.paths)
   for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(full.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_prior_prefix_bias_is_the_start_and_frozen_stays(smoke):
+  """prefix_bias_init="prior" starts the table at `prior_prefix_bias` of the training targets'
+  initial paths; with freeze_prefix_bias it ends there after the EM, while learned it moves."""
+  _, ds, _, run = smoke
+  fit_args = dict(seed=run["seed"], history_len=run["history_len"],
+                  batch_size=run["batch_size"], max_train_samples=run["max_train_samples"])
+  base = dict(prefix_bias=True, prefix_bias_init="prior", em_rounds=0)
+  frozen = dr.fit(ds, dr.dr_config("smoke", freeze_prefix_bias=True, **base), **fit_args)
+  learned = dr.fit(ds, dr.dr_config("smoke", **base), **fit_args)
+  config = dr.dr_config("smoke", **base)
+  ids = dr.initial_paths(config, num_items=ds.num_items, seed=run["seed"])
+  samples = batches_lib.training_samples(ds, max_train_samples=run["max_train_samples"],
+                                         seed=run["seed"])
+  targets = batches_lib.window_labels(ds, samples, 1)[:, 0]
+  want = dr.prior_prefix_bias(
+      dr_model.path_codes(ids, width=config.width, depth=config.depth),
+      np.bincount(targets, minlength=ds.num_items), width=config.width,
+      smoothing=config.prior_smoothing)
+  np.testing.assert_allclose(np.asarray(jax.tree.leaves(frozen.params["prefix_bias"])[0]), want, rtol=1e-6)
+  assert not np.allclose(np.asarray(jax.tree.leaves(learned.params["prefix_bias"])[0]), want, atol=1e-4)
