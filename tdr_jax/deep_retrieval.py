@@ -933,7 +933,10 @@ def fit(ds, config: DRConfig, *, seed: int = 0, history_len: int = 69, batch_siz
   if config.freeze_prefix_bias:
     optimizer = freeze_after(optimizer, 0, lambda name: name == "prefix_bias")
   rerank_esteps = config.rerank_esteps if config.reranker else None
-  if rerank_esteps is not None and rerank_esteps < len(phase_steps):
+  if rerank_esteps is not None:
+    # Wrapped even when the freeze falls at or after the last step (then a no-op): the same
+    # optimizer program whatever the run's length, so a run cut after E-step n agrees with
+    # the longer one to the bit (XLA:CPU rounds another program differently).
     optimizer = freeze_after(optimizer, sum(phase_steps[:rerank_esteps]),
                              lambda name: name.startswith("rerank_"))
   # The host-side carry of the phases: int32[N, J, D] path codes, int32[] M-steps done.
