@@ -34,6 +34,21 @@ def user_history(num_users):
   return jnp.broadcast_to(jnp.arange(num_users)[:, None], (num_users, 2)).astype(jnp.int32)
 
 
+# Five users' positives on the 8-item tree (-1 padding): 2, 1, 3, 2 and 3 of them.
+MULTI_LABELS = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+
+
+def multi_label_case(t, seed, *, labels=True):
+  """A random table scorer's scores (rows: users) and a batch of MULTI_LABELS on tree `t`
+  (targets = column 0; batch.labels = MULTI_LABELS, or None with labels=False)."""
+  num_users = MULTI_LABELS.shape[0]
+  table = np.random.default_rng(seed).normal(size=(num_users, t.parent.shape[0]))
+  batch = train.Batch(user_history(num_users), jnp.asarray(MULTI_LABELS[:, 0]),
+                      jnp.ones((num_users, t.height), jnp.float32), jnp.ones(num_users, bool),
+                      jnp.asarray(MULTI_LABELS) if labels else None)
+  return table.astype(np.float32), MULTI_LABELS, batch
+
+
 @pytest.fixture(scope="module")
 def tree5():
   # 5 items, B = 2 -> H = 3: 8 leaves, 3 of them empty (masked siblings / children).
@@ -278,13 +293,8 @@ def test_otm_multi_label_loss_matches_reference(tree8, ancestor_nodes):
   labels = [target] gives the single-label loss."""
   t = tree8
   num_users, k = 5, 2
-  rng = np.random.default_rng(10)
-  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
-  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  table, labels, batch = multi_label_case(t, 10)
   height = t.height
-  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
-                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
-                      jnp.asarray(labels))
   loss_fn = jax.jit(train.make_loss_fn(
       table_score, train.StepConfig(loss="otm", beam_size=k, ancestor_nodes=ancestor_nodes),
       branching=2, height=height))
@@ -317,13 +327,8 @@ def test_otm_warmup_uses_plain_targets_then_pseudo_targets(tree8, ancestor_nodes
   warm-up and matches the brute-force pseudo targets after it."""
   t = tree8
   num_users, k, n_warm = 5, 2, 3
-  rng = np.random.default_rng(11)
-  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
-  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  table, labels, batch = multi_label_case(t, 11)
   height = t.height
-  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
-                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
-                      jnp.asarray(labels))
   args = (t, sampling.level_index(t), jax.random.key(0))
 
   def make(steps):
@@ -362,13 +367,8 @@ def test_otm_first_level_skips_the_levels_above(tree8, label_window):
   pseudo targets need only the scores below them) equal the all-levels loss exactly."""
   t = tree8
   num_users, k = 5, 2
-  rng = np.random.default_rng(12)
-  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
-  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  table, labels, batch = multi_label_case(t, 12, labels=label_window)
   height = t.height
-  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
-                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
-                      jnp.asarray(labels) if label_window else None)
   args = (t, sampling.level_index(t), jax.random.key(0))
   first = bs.start_level(branching=2, height=height, beam_size=k)
   assert 1 < first <= height
@@ -399,13 +399,8 @@ def test_otm_jtm_warmup_is_jtm_loss_then_pseudo_targets(tree8):
   with a target-1 share of 1; steps >= N give the OTM loss without a warm-up."""
   t = tree8
   num_users, k, n_warm, m = 5, 2, 3, 2
-  rng = np.random.default_rng(13)
-  table = rng.normal(size=(num_users, t.parent.shape[0])).astype(np.float32)
-  labels = np.array([[0, 3, -1], [1, -1, -1], [2, 5, 7], [4, 0, -1], [6, 1, 2]], np.int32)
+  table, labels, batch = multi_label_case(t, 13)
   height = t.height
-  batch = train.Batch(user_history(num_users), jnp.asarray(labels[:, 0]),
-                      jnp.ones((num_users, height), jnp.float32), jnp.ones(num_users, bool),
-                      jnp.asarray(labels))
   args = (t, sampling.level_index(t), jax.random.key(5))
 
   def make(**kw):
