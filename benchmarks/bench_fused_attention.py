@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import bench_train_retrieval as btr  # noqa: E402
-from tdr_jax import scorer, train  # noqa: E402
+from tdr_jax import scorer  # noqa: E402
 from tdr_jax.models import din as din_lib  # noqa: E402
 
 
@@ -72,34 +72,12 @@ def set_model(ctx: dict, fused: bool) -> None:
 
 
 def step_flops(ctx: dict) -> float:
-  cfg, tree = ctx["cfg"], ctx["tree"]
-  step = train.make_train_step(
-      ctx["score_fn"], ctx["opt"],
-      train.StepConfig(sampler="uniform", num_negatives=cfg.train.num_negatives,
-                       full_softmax_nodes=cfg.train.full_softmax_nodes),
-      branching=tree.branching, height=tree.height)
-  state = train.init_state(ctx["params"], ctx["opt"])
-  return xla_flops(lambda s: step(s, ctx["batch"], tree, ctx["index"], ctx["key"]), state)
+  return xla_flops(*btr.train_step(ctx, "uniform"))
 
 
 def forward_flops(ctx: dict) -> float:
-  tree, score_fn, batch = ctx["tree"], ctx["score_fn"], ctx["batch"]
-  full, sampled, bsz = ctx["full"], ctx["sampled_levels"], ctx["cfg"].train.batch_size
-  m = ctx["cfg"].train.num_negatives
-  neg = jnp.zeros((bsz, sampled, m), jnp.int32) + tree.level_offsets[full + 1]
-
-  def forward(params):
-    out = []
-    for j in range(1, full + 1):
-      first = (tree.branching ** j - 1) // (tree.branching - 1)
-      ids = jnp.broadcast_to(jnp.arange(first, first + tree.branching ** j, dtype=jnp.int32),
-                             (bsz, tree.branching ** j))
-      out.append(score_fn(params, tree, batch.history, ids, level=j).sum())
-    for i in range(sampled):
-      out.append(score_fn(params, tree, batch.history, neg[:, i], level=full + 1 + i).sum())
-    return sum(out)
-
-  return xla_flops(forward, ctx["params"])
+  forward, args = btr.loss_pairs_forward(ctx)
+  return xla_flops(forward, *args)
 
 
 def main():

@@ -89,26 +89,33 @@ def setup(preset: str = "paper", num_items: int = 2 ** 17, batch_size: int | Non
           "loss_pairs": loss_pairs, "top_down_pairs": top_down_pairs, "res": res}
 
 
-def train_step_seconds(ctx: dict, sampler: str, repeats: int, min_seconds: float = 0.0) -> dict:
-  """(a) Seconds per jitted train step with `sampler` ("uniform" or "top_down") after a compile
-  step: {"step_seconds_<s>", "samples_per_s_<s>", "pairs_per_s_<s>"}."""
-  cfg, tree, bsz = ctx["cfg"], ctx["tree"], ctx["cfg"].train.batch_size
-  step = jax.jit(train.make_train_step(
+def train_step(ctx: dict, sampler: str):
+  """The fixture's train step with `sampler` as `(fn(state) -> (state, metrics), state)`
+  (not jitted)."""
+  cfg, tree = ctx["cfg"], ctx["tree"]
+  step = train.make_train_step(
       ctx["score_fn"], ctx["opt"],
       train.StepConfig(sampler=sampler, num_negatives=cfg.train.num_negatives,
                        full_softmax_nodes=cfg.train.full_softmax_nodes),
-      branching=tree.branching, height=tree.height))
-  state = train.init_state(ctx["params"], ctx["opt"])
-  sec, _ = timed(lambda s: step(s, ctx["batch"], tree, ctx["index"], ctx["key"]), state,
-                 repeats=repeats, min_seconds=min_seconds)
+      branching=tree.branching, height=tree.height)
+  return (lambda s: step(s, ctx["batch"], tree, ctx["index"], ctx["key"]),
+          train.init_state(ctx["params"], ctx["opt"]))
+
+
+def train_step_seconds(ctx: dict, sampler: str, repeats: int, min_seconds: float = 0.0) -> dict:
+  """(a) Seconds per jitted train step with `sampler` ("uniform" or "top_down") after a compile
+  step: {"step_seconds_<s>", "samples_per_s_<s>", "pairs_per_s_<s>"}."""
+  bsz = ctx["cfg"].train.batch_size
+  fn, state = train_step(ctx, sampler)
+  sec, _ = timed(jax.jit(fn), state, repeats=repeats, min_seconds=min_seconds)
   pairs = ctx["loss_pairs"] + (ctx["top_down_pairs"] if sampler == "top_down" else 0)
   return {f"step_seconds_{sampler}": sec, f"samples_per_s_{sampler}": bsz / sec,
           f"pairs_per_s_{sampler}": bsz * pairs / sec}
 
 
-def forward_seconds(ctx: dict, repeats: int, min_seconds: float = 0.0) -> float:
-  """(b) Seconds of a plain jitted scorer forward over the loss's pairs of one batch (uniform
-  negatives drawn outside the timing)."""
+def loss_pairs_forward(ctx: dict):
+  """The scorer forward over the loss's pairs of one batch as `(fn(params, history, neg),
+  args)` (not jitted; uniform negatives drawn here, outside any timing)."""
   tree, score_fn, params, batch = ctx["tree"], ctx["score_fn"], ctx["params"], ctx["batch"]
   full, sampled_levels = ctx["full"], ctx["sampled_levels"]
   bsz, m = ctx["cfg"].train.batch_size, ctx["cfg"].train.num_negatives
@@ -118,7 +125,6 @@ def forward_seconds(ctx: dict, repeats: int, min_seconds: float = 0.0) -> float:
                                                                num_samples=m))(
       jax.random.split(ctx["key"], bsz), paths[:, full + 1:])
 
-  @jax.jit
   def forward(params, history, neg):
     out = []
     for j in range(1, full + 1):
@@ -131,7 +137,13 @@ def forward_seconds(ctx: dict, repeats: int, min_seconds: float = 0.0) -> float:
       out.append(score_fn(params, tree, history, ids, level=full + 1 + i).sum())
     return sum(out)
 
-  sec, _ = timed(forward, params, batch.history, neg, repeats=repeats, min_seconds=min_seconds)
+  return forward, (params, batch.history, neg)
+
+
+def forward_seconds(ctx: dict, repeats: int, min_seconds: float = 0.0) -> float:
+  """(b) Seconds of a plain jitted scorer forward over the loss's pairs of one batch."""
+  forward, args = loss_pairs_forward(ctx)
+  sec, _ = timed(jax.jit(forward), *args, repeats=repeats, min_seconds=min_seconds)
   return sec
 
 
